@@ -1,0 +1,214 @@
+"""The ``medsegsuite`` command line.
+
+Exit status: 0 on success, 2 when the input, model or options are unusable (with a
+one-line reason on stderr), 130 when interrupted, 1 for unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .errors import MedSegSuiteError
+
+__all__ = ["main"]
+
+log = logging.getLogger("medsegsuite")
+
+
+class ProgressBar:
+    """A tqdm bar per stage on stderr, fed by ``(done, total, stage)`` callbacks.
+
+    Shown only when stderr is a terminal (logs and pipes stay clean) and only for
+    stages counted in more than one unit (slices, windows, iterations).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.stage: Optional[str] = None
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        if not self.enabled or total <= 1:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage or self.bar is None or self.bar.total != total:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+# -- models ----------------------------------------------------------------------------------
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import ModelRegistry
+
+    registry = ModelRegistry()
+    action = getattr(args, "models_action", None)
+    if action == "import":
+        entry = registry.import_model(args.source, card=args.card, model_id=args.id, overwrite=args.overwrite)
+        print(f"imported {entry.card.id} {entry.card.version} into {entry.directory}")
+        return 0
+    if action == "show":
+        print(json.dumps(registry.resolve(args.model).card.to_dict(), indent=2))
+        return 0
+    if action == "remove":
+        registry.remove(args.model)
+        print(f"removed {args.model}")
+        return 0
+    if action == "path":
+        print(f"bundled: {registry.bundled_dir}\nuser:    {registry.user_dir}")
+        return 0
+    entries = registry.entries()
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                [{**e.card.to_dict(), "source": e.source, "directory": str(e.directory)} for e in entries], indent=2
+            )
+        )
+        return 0
+    if not entries:
+        print(f"no models installed (bundled: {registry.bundled_dir}, user: {registry.user_dir})")
+        return 0
+    rows = []
+    for entry in entries:
+        row = entry.summary()
+        row["labels"] = ",".join(row["labels"])
+        row["parent"] = row["parent"] or "-"
+        rows.append(row)
+    _print_table(rows, ("id", "version", "network", "dims", "labels", "licence", "source", "parent"))
+    return 0
+
+
+# -- segment ---------------------------------------------------------------------------------
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .geometry import Box
+    from .inference import Predictor
+    from .io import read_image, write_image
+    from .io.atomic import compound_suffix
+    from .models import ModelRegistry, load_model
+
+    output = Path(args.output)
+    for path in [output] + ([Path(args.scores)] if args.scores else []):
+        if path.exists() and not args.overwrite:
+            raise InputError(f"{path} already exists; pass --overwrite to replace it")
+        if compound_suffix(path) not in (".nrrd", ".nii", ".nii.gz", ".mha", ".png", ".tif", ".tiff"):
+            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii or .mha")
+    roi = Box.parse(args.roi) if args.roi else None
+    volume = read_image(args.input, series_uid=args.series_uid)
+    model = load_model(args.model, ModelRegistry())
+    predictor = Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
+    log.info("segmenting %s with %s on %s", args.input, model.card.id, predictor.device)
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        result = predictor.predict(volume, roi=roi, scores=bool(args.scores), progress=bar)
+    finally:
+        bar.close()
+    write_image(result.labels, output, overwrite=args.overwrite)
+    if args.scores and result.scores is not None:
+        write_image(result.scores, args.scores, overwrite=args.overwrite)
+    counts = {label.name: int((result.labels.array == label.value).sum()) for label in model.card.labels}
+    if not args.quiet:
+        print(f"wrote {output} ({', '.join(f'{name}: {n} voxels' for name, n in counts.items())})")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``medsegsuite`` (sub-commands register their handler as ``func``)."""
+    parser = argparse.ArgumentParser(
+        prog="medsegsuite", description="Medical image segmentation with five published networks."
+    )
+    parser.add_argument("--version", action="version", version=f"medsegsuite {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list, show, import or remove models")
+    models.add_argument("--json", action="store_true", help="print the full model cards as JSON")
+    models.set_defaults(func=_cmd_models)
+    actions = models.add_subparsers(dest="models_action", metavar="ACTION")
+    imp = actions.add_parser("import", help="import a weights file, model folder or .zip into the user models")
+    imp.add_argument("source", help=".safetensors, .pth/.pt/.ckpt, a model folder, or a .zip of one")
+    imp.add_argument("--card", help="model card JSON (needed for .pth files without one)")
+    imp.add_argument("--id", help="import under this model id")
+    imp.add_argument("--overwrite", action="store_true", help="replace a user model with the same id")
+    show = actions.add_parser("show", help="print a model's card")
+    show.add_argument("model", help="model id or model folder")
+    rm = actions.add_parser("remove", help="delete a user model")
+    rm.add_argument("model", help="model id")
+    actions.add_parser("path", help="print the bundled and user model folders")
+
+    seg = commands.add_parser("segment", help="segment an image with a model")
+    seg.add_argument("input", help="NIfTI, NRRD, MHA, a DICOM series folder, or a PNG/JPEG/TIFF image")
+    seg.add_argument("-m", "--model", required=True, help="model id (see `medsegsuite models`) or model folder")
+    seg.add_argument("-o", "--output", required=True, help="label volume to write (.nrrd, .nii.gz, .nii, .mha)")
+    seg.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    seg.add_argument("--roi", help="segment only inside x0,y0,z0,x1,y1,z1 (voxel indices, end exclusive)")
+    seg.add_argument("--scores", help="also write per-class probabilities to this file")
+    seg.add_argument("--batch-size", type=int, help="slices or windows per network call")
+    seg.add_argument("--overlap", type=float, help="3D window overlap in [0, 1)")
+    seg.add_argument("--fast", action="store_true", help="quicker 3D inference (the model's fast settings)")
+    seg.add_argument("--series-uid", help="DICOM series to read when the folder holds several")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    seg.set_defaults(func=_cmd_segment)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    func: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except MedSegSuiteError as error:
+        if args.debug:
+            raise
+        print(f"medsegsuite: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medsegsuite: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # last resort: one line, details with --debug
+        if args.debug:
+            raise
+        print(
+            f"medsegsuite: unexpected {type(error).__name__}: {error} (run with --debug for details)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

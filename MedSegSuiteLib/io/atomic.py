@@ -1,0 +1,89 @@
+"""Writes that either complete or leave nothing behind (temp file, then rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+from ..errors import InputError
+
+__all__ = ["atomic_directory", "atomic_output", "compound_suffix"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+_COMPOUND = (".nii.gz", ".seg.nrrd", ".tar.gz")
+
+
+def compound_suffix(path: PathLike) -> str:
+    """The file-type suffix of ``path``, keeping double suffixes such as ``.nii.gz`` and ``.seg.nrrd``."""
+    name = Path(path).name.lower()
+    for suffix in _COMPOUND:
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; choose another name or ask to overwrite it")
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
+
+    The temporary name keeps ``target``'s suffix, so writers that choose the format
+    from the extension still work. If the block raises (or is interrupted), the
+    temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    _check_target(target, overwrite)
+    suffix = compound_suffix(target)
+    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` in one rename.
+
+    With ``overwrite`` an existing ``target`` is moved aside first and deleted only
+    after the new folder is in place. On failure the temporary folder is removed.
+    """
+    target = Path(target)
+    _check_target(target, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        for item in tmp.rglob("*"):
+            if item.is_file():
+                _fsync(item)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,239 @@
+"""Reading and writing images: NIfTI, NRRD, MetaImage, DICOM series and 2D rasters.
+
+Volumes come back as :class:`~MedSegSuiteLib.volume.Volume` in LPS with SimpleITK's
+geometry conventions; 2D images become one-slice volumes (RGB as three channels).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..errors import InputError
+from ..volume import Volume
+from .atomic import atomic_output, compound_suffix
+
+__all__ = ["IMAGE_SUFFIXES", "read_image", "volume_from_sitk", "volume_to_sitk", "write_image"]
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+IMAGE_SUFFIXES = VOLUME_SUFFIXES + RASTER_SUFFIXES + (".dcm",)
+_WRITE_SUFFIXES = VOLUME_SUFFIXES + (".png", ".tif", ".tiff")
+
+PathLike = Union[str, Path]
+
+
+def volume_from_sitk(image) -> Volume:  # noqa: ANN001 - SimpleITK is imported lazily
+    """Convert a 2D or 3D SimpleITK image (scalar or vector pixels) to a :class:`Volume`."""
+    import SimpleITK as sitk
+
+    dim = image.GetDimension()
+    if dim > 3:
+        raise InputError(
+            f"this is a {dim}D image (size {image.GetSize()}); only 2D and 3D images are supported: "
+            "split time series or multi-volume files into 3D volumes first"
+        )
+    array = sitk.GetArrayFromImage(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        array = np.moveaxis(array, -1, 0)
+        if components == 4:
+            log.info("dropping the alpha channel of an RGBA image")
+            array = array[:3]
+    if dim == 2:
+        array = array[..., None, :, :]
+        spacing = (*image.GetSpacing(), 1.0)
+        origin = (*image.GetOrigin(), 0.0)
+        d2 = np.asarray(image.GetDirection(), dtype=np.float64).reshape(2, 2)
+        direction = np.eye(3)
+        direction[:2, :2] = d2
+    elif dim == 3:
+        spacing, origin = image.GetSpacing(), image.GetOrigin()
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    else:
+        raise InputError(f"a {dim}D image cannot be segmented; expected 2D or 3D")
+    return Volume(np.ascontiguousarray(array), spacing, origin, direction)
+
+
+def volume_to_sitk(volume: Volume):  # noqa: ANN201
+    """Convert a :class:`Volume` to a 3D SimpleITK image (vector pixels for several channels)."""
+    import SimpleITK as sitk
+
+    if volume.array.ndim == 4:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(volume.array, 0, -1)), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(tuple(np.asarray(volume.direction).ravel()))
+    return image
+
+
+def _itk_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("sitk::ERROR", "/", "itk::"))]
+    return (useful or lines or ["unknown error"])[-1][:200]
+
+
+def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    if not uids:
+        raise InputError(f"{folder} holds no DICOM series; point to a folder of DICOM files of one series")
+    if series_uid is None:
+        if len(uids) > 1:
+            listing = "; ".join(f"{uid} ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in uids)
+            raise InputError(f"{folder} holds {len(uids)} DICOM series, choose one by its UID: {listing}")
+        series_uid = uids[0]
+    elif series_uid not in uids:
+        raise InputError(f"DICOM series {series_uid} is not in {folder}; series there: {', '.join(uids)}")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(error)}") from None
+    return volume_from_sitk(image)
+
+
+def _read_gif(path: Path) -> Volume:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.seek(0)
+        array = np.asarray(image.convert("RGB"))
+    if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
+        return Volume(np.ascontiguousarray(array[None, ..., 0]))
+    return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)[:, None]))
+
+
+def _nifti_expected_bytes(header: bytes) -> Optional[int]:
+    """Bytes a complete NIfTI-1/2 file holds (header + voxels), from its header; None if unsure."""
+    import struct
+
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return None
+    count = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
+    return max(offset, 348) + count * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise InputError for a NIfTI file shorter than its header promises (ITK reads those silently)."""
+    import gzip
+    import zlib
+
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
+            header = handle.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None:
+                return
+            if compressed:
+                size = len(header)
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    size += len(block)
+            else:
+                size = path.stat().st_size
+    except (EOFError, OSError, zlib.error):
+        raise InputError(f"{path} is truncated or corrupt (its compressed data ends early)") from None
+    if size < expected:
+        raise InputError(f"{path} is truncated: its header describes {expected} bytes but it holds {size}")
+
+
+def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
+    """Read an image file or a DICOM series folder into a :class:`Volume`.
+
+    Accepts NIfTI, NRRD, MetaImage, a folder (or one file) of a DICOM series, and 2D
+    PNG/JPEG/TIFF/BMP/GIF images. Raises :class:`InputError` with the reason for a
+    missing, unreadable, truncated or unsupported file.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    if path.is_dir():
+        return _read_dicom_series(path, series_uid)
+    suffix = compound_suffix(path)
+    if suffix == ".dcm":
+        uid = series_uid
+        if uid is None:
+            probe = sitk.ImageFileReader()
+            probe.SetFileName(str(path))
+            try:
+                probe.ReadImageInformation()
+                uid = probe.GetMetaData("0020|000e").strip() if probe.HasMetaDataKey("0020|000e") else None
+            except RuntimeError as error:
+                raise InputError(f"cannot read DICOM file {path}: {_itk_reason(error)}") from None
+        return _read_dicom_series(path.parent, uid)
+    if suffix not in IMAGE_SUFFIXES:
+        raise InputError(
+            f"{path.name}: unsupported file type {suffix or '(none)'}; use one of {', '.join(IMAGE_SUFFIXES)} "
+            "or a DICOM folder"
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes)")
+    if suffix == ".gif":
+        try:
+            return _read_gif(path)
+        except OSError as error:
+            raise InputError(f"cannot read {path}: {error}") from None
+    if suffix in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(
+            f"cannot read {path}: {_itk_reason(error)} (is the file truncated or not a {suffix} image?)"
+        ) from None
+    return volume_from_sitk(image)
+
+
+def write_image(volume: Volume, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
+    """Write ``volume`` to ``path`` (NIfTI, NRRD, MetaImage; PNG/TIFF for one-slice images) atomically.
+
+    Refuses to replace an existing file unless ``overwrite``; a failed write leaves
+    no partial file. Returns the path written.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    suffix = compound_suffix(path)
+    if suffix not in _WRITE_SUFFIXES:
+        raise InputError(f"cannot write {suffix or 'files without a suffix'}: use one of {', '.join(_WRITE_SUFFIXES)}")
+    if suffix in (".png", ".tif", ".tiff"):
+        if not volume.is_2d:
+            raise InputError(f"{suffix} holds one slice; this volume has {volume.shape[0]}: write .nrrd or .nii.gz")
+        array = volume.array[..., 0, :, :]
+        if array.ndim == 3:
+            array = np.moveaxis(array, 0, -1)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=array.ndim == 3)
+    else:
+        image = volume_to_sitk(volume)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".png")
+        except RuntimeError as error:
+            raise InputError(f"cannot write {path}: {_itk_reason(error)}") from None
+    return path

@@ -1,0 +1,99 @@
+"""Intensity normalisation and channel matching, shared by inference and training.
+
+A model card's ``input.normalization`` is one of:
+
+- ``{"kind": "none"}``: values as stored.
+- ``{"kind": "zscore", "nonzero": false}``: per channel, subtract the mean and divide
+  by the standard deviation of the whole volume (of its non-zero voxels if ``nonzero``).
+- ``{"kind": "scale", "divisor": 255}``: divide by a constant (8-bit photos to [0, 1]).
+- ``{"kind": "imagenet", "divisor": 255}``: divide, then subtract the ImageNet RGB mean
+  and divide by its standard deviation.
+- ``{"kind": "window", "low": -100, "high": 400}``: clip to the window, map it to [0, 1].
+- ``{"kind": "percentile", "low": 0.5, "high": 99.5}``: clip to those percentiles of
+  the volume, map them to [0, 1].
+
+Channel rule: a grey image given to a 3-channel model is replicated to three
+channels; an RGB image given to a 1-channel model becomes its luminance
+(ITU-R BT.601 weights). Other mismatches are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["NORMALIZATIONS", "match_channels", "normalize", "validate_normalization"]
+
+NORMALIZATIONS = ("none", "zscore", "scale", "imagenet", "window", "percentile")
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def validate_normalization(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``spec`` with defaults filled in, or raise ``ValueError`` naming the problem."""
+    if not isinstance(spec, Mapping) or spec.get("kind") not in NORMALIZATIONS:
+        raise ValueError(f"normalization.kind must be one of {', '.join(NORMALIZATIONS)}, got {spec!r}")
+    kind = spec["kind"]
+    out = dict(spec)
+    if kind == "zscore":
+        out.setdefault("nonzero", False)
+    elif kind in ("scale", "imagenet"):
+        out.setdefault("divisor", 255.0)
+        if not float(out["divisor"]) > 0:
+            raise ValueError("normalization.divisor must be positive")
+    elif kind in ("window", "percentile"):
+        if "low" not in out or "high" not in out or not float(out["low"]) < float(out["high"]):
+            raise ValueError(f"normalization {kind} needs numbers low < high, got {spec!r}")
+    return out
+
+
+def match_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """Return a ``(channels, z, y, x)`` array from a ``(c, z, y, x)`` one by the channel rule above."""
+    have = array.shape[0]
+    if have == channels:
+        return array
+    if have == 1 and channels == 3:
+        return np.repeat(array, 3, axis=0)
+    if have == 3 and channels == 1:
+        return np.tensordot(_LUMA, array.astype(np.float32, copy=False), axes=(0, 0))[None]
+    raise InputError(f"the model expects {channels}-channel images but this image has {have} channels")
+
+
+def normalize(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """Normalise a ``(c, z, y, x)`` array by ``spec`` into a new float32 array of the same shape."""
+    spec = validate_normalization(spec)
+    kind = spec["kind"]
+    out = array.astype(np.float32, copy=True)
+    if kind == "none":
+        return out
+    if kind == "zscore":
+        for c in range(out.shape[0]):
+            values = out[c][out[c] != 0] if spec["nonzero"] else out[c]
+            if values.size == 0:
+                continue
+            mean, std = float(values.mean()), float(values.std())
+            out[c] -= mean
+            out[c] /= std if std > 0 else 1.0
+        return out
+    if kind in ("scale", "imagenet"):
+        out /= float(spec["divisor"])
+        if kind == "imagenet":
+            if out.shape[0] != 3:
+                raise InputError(f"ImageNet normalisation needs 3 channels, got {out.shape[0]}")
+            out -= _IMAGENET_MEAN[:, None, None, None]
+            out /= _IMAGENET_STD[:, None, None, None]
+        return out
+    if kind == "window":
+        low, high = float(spec["low"]), float(spec["high"])
+    else:
+        low, high = (float(v) for v in np.percentile(out, [float(spec["low"]), float(spec["high"])]))
+        if high <= low:
+            high = low + 1.0
+    np.clip(out, low, high, out=out)
+    out -= low
+    out /= high - low
+    return out

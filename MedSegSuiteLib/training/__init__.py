@@ -1,0 +1,1 @@
+"""Training: losses, datasets, augmentation, supervised and semi-supervised loops."""

@@ -1,0 +1,1 @@
+"""Loss functions, one module per network family (pure functions of tensors)."""

@@ -1,0 +1,18 @@
+"""The README's test command is the one CI runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_commands = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip().startswith("python -m pytest")
+    ]
+    assert len(ci_commands) == 1
+    assert ci_commands[0] in (REPO / "README.md").read_text()
+    assert "torch==2.13.0" in (REPO / ".ci" / "run").read_text()
