@@ -137,6 +137,97 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train -----------------------------------------------------------------------------------
+def _numbers(text: Optional[str], count: int, kind: type, what: str) -> Optional[list]:
+    from .errors import InputError
+
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise InputError(f"{what} must be {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _label_table(text: Optional[str]) -> Optional[list[dict[str, Any]]]:
+    """``"1:Anterior,2:Posterior"``, or a JSON file holding a list of card label entries."""
+    from pathlib import Path
+
+    from .errors import InputError
+
+    if text is None:
+        return None
+    if text.endswith(".json"):
+        return json.loads(Path(text).read_text(encoding="utf-8"))
+    table = []
+    for item in text.split(","):
+        value, _, name = item.partition(":")
+        if not value.strip().isdigit() or not name.strip():
+            raise InputError(f"--labels must look like 1:Liver,2:Spleen (or name a .json file), got {text!r}")
+        table.append({"value": int(value), "name": name.strip()})
+    return table
+
+
+def _config(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    from .errors import InputError
+
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--config takes key=value, got {item!r}")
+        try:
+            config[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            config[key] = value
+    return config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .training.jobs import TrainOptions, train_model
+
+    options = TrainOptions(
+        network=args.network,
+        data=Path(args.data),
+        output=Path(args.output),
+        model_id=args.id or Path(args.output).name.lower(),
+        preset=args.preset,
+        name=args.name,
+        description=args.description or "",
+        dims=args.dims,
+        labels=_label_table(args.labels),
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        size_xy=_numbers(args.size, 2, int, "--size"),
+        patch_xyz=_numbers(args.patch, 3, int, "--patch"),
+        spacing=_numbers(args.spacing, 3, float, "--spacing"),
+        h5_spacing=_numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0),
+        val_fraction=args.val_fraction,
+        val_ids=Path(args.val_ids).read_text().split() if args.val_ids else None,
+        seed=args.seed,
+        device=args.device,
+        data_licence=args.data_licence,
+        config=_config(args.config),
+        validate_every=args.validate_every,
+    )
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        entry = train_model(options, progress=bar, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        bar.close()
+    dice = next((m["value"] for m in entry.card.metrics if m["name"] == "dice"), None)
+    print(f"wrote {entry.directory} (validation Dice {dice})")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``medsegsuite`` (sub-commands register their handler as ``func``)."""
@@ -177,6 +268,35 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=_cmd_segment)
+
+    train = commands.add_parser("train", help="train a model on a folder of labelled images")
+    train.add_argument("--network", required=True, help="network to train (unet, condseg, banet, dnet, canet, hidiff)")
+    train.add_argument("--data", required=True, help="images/ + labels/ (or masks/) folder, .h5 folder, or list file")
+    train.add_argument("-o", "--output", required=True, help="model folder to create")
+    train.add_argument("--id", help="model id (default: the output folder's name)")
+    train.add_argument("--name", help="display name")
+    train.add_argument("--description", help="one paragraph for the model card")
+    train.add_argument("--preset", default="lite", help="network preset (default lite)")
+    train.add_argument("--dims", type=int, choices=(2, 3), help="2: slice-wise, 3: volumetric (default: from data)")
+    train.add_argument("--labels", help="label names, e.g. 1:Anterior,2:Posterior, or a JSON list of card labels")
+    train.add_argument("--iterations", type=int, help="training iterations (default: the recipe's)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--size", help="2D input size x,y (default: the recipe's)")
+    train.add_argument("--patch", help="3D patch size x,y,z (default: the recipe's)")
+    train.add_argument("--spacing", help="resample 3D data to this spacing x,y,z mm (recorded in the card)")
+    train.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data, which stores none (default 1,1,1)")
+    train.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
+    train.add_argument("--val-ids", help="file listing the validation case ids (instead of --val-fraction)")
+    train.add_argument("--validate-every", type=int, default=0, help="iterations between validations")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--data-licence", default="unspecified", help="the training data's licence, for the card")
+    train.add_argument("--config", nargs="*", default=[], help="network constructor overrides key=value")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    train.add_argument("-q", "--quiet", action="store_true")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

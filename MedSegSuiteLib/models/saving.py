@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch.nn as nn
 
@@ -21,13 +21,15 @@ def save_model(
     card: Mapping[str, Any],
     half: bool = False,
     overwrite: bool = False,
+    extra_files: Optional[Mapping[str, str]] = None,
 ) -> ModelEntry:
     """Write ``network``'s weights and the card data to a new model folder and return its entry.
 
     The card is validated first and its ``weights`` entry (file, sha256, bytes, dtype)
     is filled in. The folder appears complete or not at all; an existing folder is
     replaced only with ``overwrite``. With ``half`` the weights are stored as float16
-    (and reloaded once to check they still load).
+    (and reloaded once to check they still load). ``extra_files`` (name -> text) are
+    written beside the card, e.g. a training log.
     """
     data = dict(card)
     data["weights"] = {"file": WEIGHTS_FILE}
@@ -42,4 +44,6 @@ def save_model(
 
             load_state_dict_strict(build_network(final), read_weights(tmp / WEIGHTS_FILE), WEIGHTS_FILE)
         save_card(final, tmp / CARD_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return ModelEntry(final, directory, "path")

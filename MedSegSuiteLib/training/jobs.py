@@ -1,0 +1,185 @@
+"""From a data folder and a few options to a trained model folder (``medsegsuite train``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .. import networks
+from ..errors import InputError
+from ..inference.device import resolve_device
+from ..models import ModelEntry
+from ..progress import ProgressCallback
+from .data import PatchStore, SliceStore
+from .datasets import discover_cases, label_values, load_case, split_cases
+from .recipes import recipe_module
+from .recipes.base import TrainingData
+from .trainer import Trainer, TrainingSettings
+
+__all__ = ["PALETTE", "TrainOptions", "build_card", "train_model"]
+
+log = logging.getLogger(__name__)
+
+# Distinct, colour-blind-friendly label colours (Okabe-Ito, then extras).
+PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (170, 68, 153),
+    (68, 170, 153),
+    (153, 153, 51),
+]
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``medsegsuite train`` takes; ``None`` means the recipe's default."""
+
+    network: str
+    data: Path
+    output: Path
+    model_id: str
+    preset: str = "lite"
+    name: Optional[str] = None
+    description: str = ""
+    dims: Optional[int] = None
+    labels: Optional[list[dict[str, Any]]] = None
+    iterations: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    size_xy: Optional[Sequence[int]] = None
+    patch_xyz: Optional[Sequence[int]] = None
+    spacing: Optional[Sequence[float]] = None
+    h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    val_fraction: float = 0.2
+    val_ids: Optional[Sequence[str]] = None
+    seed: int = 0
+    device: str = "auto"
+    data_licence: str = "unspecified"
+    config: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    validate_every: int = 0
+    max_val_cases: int = 200
+
+
+def build_card(
+    options: TrainOptions,
+    dims: int,
+    channels: int,
+    labels: list[dict[str, Any]],
+    defaults: dict[str, Any],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The card data of the model a training run will produce (weights and metrics come later)."""
+    inp = {"channels": channels, **defaults["input"]}
+    if dims == 2 and options.size_xy:
+        inp["size_xy"] = [int(v) for v in options.size_xy]
+    if dims == 3 and options.patch_xyz:
+        inp["patch_xyz"] = [int(v) for v in options.patch_xyz]
+    if options.spacing:
+        inp["spacing"] = [float(v) for v in options.spacing]
+    return {
+        "schema_version": 1,
+        "id": options.model_id,
+        "version": "1.0.0",
+        "name": options.name or options.model_id,
+        "description": options.description,
+        "network": options.network,
+        "preset": options.preset,
+        "config": config,
+        "dims": dims,
+        "input": inp,
+        "inference": defaults["inference"],
+        "labels": labels,
+        "licence": f"weights trained on data under: {options.data_licence}",
+        "training": {"data": str(options.data), "licence": options.data_licence},
+    }
+
+
+def _labels(options: TrainOptions, found: list[int]) -> list[dict[str, Any]]:
+    if options.labels:
+        declared = {int(label["value"]) for label in options.labels}
+        missing = set(found) - declared
+        if missing:
+            raise InputError(f"the data holds label value(s) {sorted(missing)} that --labels does not name")
+        return [{"color": list(PALETTE[i % len(PALETTE)]), **label} for i, label in enumerate(options.labels)]
+    return [{"value": v, "name": f"Label {v}", "color": list(PALETTE[i % len(PALETTE)])} for i, v in enumerate(found)]
+
+
+def train_model(
+    options: TrainOptions,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[threading.Event] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_log: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> ModelEntry:
+    """Train ``options.network`` on ``options.data`` and write the best-validated model to ``options.output``."""
+    module = recipe_module(options.network)
+    if Path(options.output).exists() and not overwrite:
+        raise InputError(f"{options.output} already exists; choose another output folder or ask to overwrite it")
+    cases = discover_cases(options.data, require_labels=True)
+    train_cases, val_cases = split_cases(cases, options.val_fraction, options.seed, options.val_ids)
+    first, _ = load_case(train_cases[0], options.h5_spacing)
+    supported = getattr(module, "DIMS", (2, 3))
+    dims = options.dims or (2 if first.is_2d or 3 not in supported else 3)
+    if dims not in supported:
+        raise InputError(f"{options.network} trains in {supported[0]}D only")
+    defaults = module.card_defaults(dims)
+    channels = int(defaults.get("channels", first.channels))
+    validation = []
+    for case in val_cases:
+        image, label = load_case(case, options.h5_spacing)
+        validation.append((case.id, image, label))
+    run = dict(defaults["defaults"])
+    for key in ("iterations", "batch_size", "lr"):
+        if getattr(options, key) is not None:
+            run[key] = getattr(options, key)
+    run.update(options.recipe)
+    device = resolve_device(options.device)
+    if dims == 2:
+        size = options.size_xy or defaults["input"]["size_xy"]
+        store = SliceStore(
+            train_cases, None, channels, defaults["input"]["normalization"], size, progress, cancel, options.h5_spacing
+        )
+    else:
+        store = PatchStore(
+            train_cases,
+            None,
+            channels,
+            defaults["input"]["normalization"],
+            options.spacing,
+            progress,
+            cancel,
+            options.h5_spacing,
+        )
+    labels = _labels(options, sorted(set(label_values([label for _, _, label in validation])) | set(store.values)))
+    store.remap([int(label["value"]) for label in labels])
+    config = {**module.network_config(dims, channels, len(labels)), **options.config}
+    card = build_card(options, dims, channels, labels, defaults, config)
+    card["training"]["cases"] = {"train": len(train_cases), "validation": len(val_cases)}
+    torch.manual_seed(options.seed)
+    network = networks.create(options.network, options.preset, **config)
+    recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels})
+    patch = card["input"].get("patch_xyz")
+    data = TrainingData(
+        store,
+        int(run["batch_size"]),
+        run["augment"],
+        patch_zyx=tuple(reversed(patch)) if patch else None,
+        foreground=float(run.get("foreground", 0.5)),
+    )
+    settings = TrainingSettings(
+        int(run["iterations"]), options.validate_every, seed=options.seed, max_val_cases=options.max_val_cases
+    )
+    trainer = Trainer(recipe, data, card, validation, settings, Path(options.output))
+    return trainer.run(progress, cancel, resume=resume, overwrite=overwrite, on_log=on_log)

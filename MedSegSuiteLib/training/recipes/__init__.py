@@ -1,0 +1,34 @@
+"""Training recipes, one module per network family.
+
+Each recipe module provides:
+
+- ``network_config(dims, channels, num_labels) -> dict``: constructor overrides for
+  the given image channels and number of labels;
+- ``card_defaults(dims) -> dict``: the card's ``input`` and ``inference`` sections
+  (without ``channels``) and ``defaults`` for the run: batch size, iterations,
+  learning rate, 2D size or 3D patch, augmentation;
+- ``make(network, options) -> Recipe``: the recipe for a built network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["recipe_module", "trainable_networks"]
+
+_RECIPES = {
+    "unet": "MedSegSuiteLib.training.recipes.unet",
+}
+
+
+def trainable_networks() -> list[str]:
+    """Networks ``medsegsuite train`` can train."""
+    return [name for name, module in _RECIPES.items() if importlib.util.find_spec(module) is not None]
+
+
+def recipe_module(network: str) -> ModuleType:
+    """The recipe module for ``network`` (ValueError if there is none)."""
+    if network not in trainable_networks():
+        raise ValueError(f"no training recipe for {network!r}; trainable networks: {', '.join(trainable_networks())}")
+    return importlib.import_module(_RECIPES[network])

@@ -1,0 +1,248 @@
+"""The training loop shared by every recipe: validation, best model, checkpoints, resume, cancel.
+
+A run works in ``<output>.training/`` beside the output model folder: ``checkpoint.pt``
+(everything a resume needs, written atomically every few minutes and on cancel),
+``best.safetensors`` (the best-validated weights so far) and ``log.json``. When the run
+finishes, the best weights become the output model folder (card + weights + training
+log, written atomically) and the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import Cancelled, InputError
+from ..inference import Predictor
+from ..io.atomic import atomic_output
+from ..models import LoadedModel, ModelEntry, card_from_dict, save_model
+from ..models.weights import read_weights, save_weights
+from ..progress import ProgressCallback, check_cancelled, report
+from ..volume import Volume
+from .metrics import case_metrics, summarize
+from .recipes.base import Recipe, TrainingData
+
+__all__ = ["Trainer", "TrainingSettings", "evaluate_model"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"
+LOG = "log.json"
+
+
+@dataclass
+class TrainingSettings:
+    """How long and how to train: iterations, validation cadence, checkpoint cadence, seed and device."""
+
+    iterations: int = 1000
+    validate_every: int = 0  # 0: ten validations per run
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+    max_val_cases: int = 200
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise InputError("iterations must be at least 1")
+        if self.validate_every <= 0:
+            self.validate_every = max(1, self.iterations // 10)
+
+
+def evaluate_model(
+    predictor: Predictor, cases: Sequence[tuple[str, Volume, Volume]], cancel: Optional[threading.Event] = None
+) -> dict[str, Any]:
+    """Mean and per-label Dice/IoU/HD95 of ``predictor`` on (id, image, label) cases at their own resolution."""
+    values = [label.value for label in predictor.card.labels]
+    per_case = []
+    for _, image, truth in cases:
+        prediction = predictor.predict(image, cancel=cancel).labels.array
+        per_case.append(case_metrics(prediction, truth.array, values, image.spacing))
+    result = summarize(per_case)
+    result["per_label"] = {str(v): summarize([{v: case[v]} for case in per_case]) for v in values}
+    return result
+
+
+class Trainer:
+    """Runs a :class:`Recipe` on :class:`TrainingData` and writes the best model.
+
+    Args:
+        recipe: the network family's step.
+        data: training samples.
+        card: the output model's card data (everything but ``weights``, ``metrics``);
+            ``training`` is extended with the run's facts.
+        validation: (id, image, label) cases held out from training, at full resolution.
+        settings: see :class:`TrainingSettings`.
+        output: the model folder to create.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        data: TrainingData,
+        card: dict[str, Any],
+        validation: Sequence[tuple[str, Volume, Volume]],
+        settings: TrainingSettings,
+        output: Path,
+    ) -> None:
+        self.recipe, self.data, self.settings = recipe, data, settings
+        self.card = dict(card)
+        self.validation = list(validation)[: settings.max_val_cases]
+        self.output = Path(output)
+        self.workdir = self.output.with_name(self.output.name + ".training")
+        self.history: list[dict[str, Any]] = []
+        self.best: Optional[dict[str, Any]] = None
+        self.iteration = 0
+        card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
+
+    # -- state ---------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        state = {
+            "iteration": self.iteration,
+            "recipe": self.recipe.state_dict(),
+            "history": json.dumps(self.history),
+            "best": json.dumps(self.best),
+            "settings": json.dumps(asdict(self.settings)),
+        }
+        with atomic_output(self.workdir / CHECKPOINT, overwrite=True) as tmp:
+            torch.save(state, tmp)
+        (self.workdir / LOG).write_text(json.dumps(self.history), encoding="utf-8")
+
+    def _load_checkpoint(self) -> None:
+        path = self.workdir / CHECKPOINT
+        if not path.is_file():
+            raise InputError(f"nothing to resume: {path} does not exist")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        self.recipe.load_state_dict(state["recipe"])
+        self.iteration = int(state["iteration"])
+        self.history = json.loads(state["history"])
+        self.best = json.loads(state["best"])
+        log.info("resumed training at iteration %d", self.iteration)
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self, cancel: Optional[threading.Event] = None) -> dict[str, Any]:
+        """Metrics of the current network on the validation cases (the network is left in train mode)."""
+        card = card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
+        network = self.recipe.network
+        network.eval()
+        try:
+            predictor = Predictor(LoadedModel(card, network), device=self.recipe.device)
+            return evaluate_model(predictor, self.validation, cancel)
+        finally:
+            network.train()
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(
+        self,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[threading.Event] = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        on_log: Optional[Callable[[dict[str, Any]], None]] = None,
+    ) -> ModelEntry:
+        """Train to the end (or until ``cancel``), then write the best model to ``output`` and return it.
+
+        On cancel a checkpoint is written and :class:`Cancelled` raised; ``resume=True``
+        continues from it. ``on_log`` receives each loss/validation record as it is made.
+        """
+        if self.output.exists() and not overwrite:
+            raise InputError(f"{self.output} already exists; choose another output folder or ask to overwrite it")
+        if resume:
+            self._load_checkpoint()
+        elif (self.workdir / CHECKPOINT).exists():
+            raise InputError(
+                f"{self.workdir} holds an unfinished run; resume it (--resume) or delete that folder to start again"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+
+        def record(entry: dict[str, Any]) -> None:
+            self.history.append(entry)
+            if on_log is not None:
+                on_log(entry)
+
+        try:
+            self._loop(progress, cancel, record)
+        except Cancelled:
+            self._save_checkpoint()
+            raise Cancelled(
+                f"training cancelled at iteration {self.iteration}; the checkpoint in {self.workdir} can be resumed"
+            ) from None
+        return self._finish(time.monotonic() - started, overwrite)
+
+    def _loop(self, progress, cancel, record) -> None:  # noqa: ANN001
+        settings = self.settings
+        last_checkpoint = time.monotonic()
+        log_every = max(1, settings.iterations // 200)
+        while self.iteration < settings.iterations:
+            check_cancelled(cancel)
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + self.iteration)
+            parts = self.recipe.step(self.data, generator, self.iteration)
+            self.iteration += 1
+            if not all(np.isfinite(v) for v in parts.values()):
+                self._save_checkpoint()
+                raise InputError(
+                    f"training diverged at iteration {self.iteration} (loss {parts}); lower the learning "
+                    "rate and resume or restart"
+                )
+            if self.iteration % log_every == 0 or self.iteration == 1:
+                record({"iteration": self.iteration, **{k: round(float(v), 6) for k, v in parts.items()}})
+            report(progress, self.iteration, settings.iterations, "training")
+            if self.iteration % settings.validate_every == 0 or self.iteration == settings.iterations:
+                metrics = self.validate(cancel)
+                self.recipe.validated(float(metrics["dice"]))
+                record({"iteration": self.iteration, "val_dice": metrics["dice"], "val_hd95": metrics["hd95"]})
+                if self.best is None or metrics["dice"] > self.best["dice"]:
+                    self.best = {**metrics, "iteration": self.iteration}
+                    save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
+                self._save_checkpoint()
+                last_checkpoint = time.monotonic()
+            elif time.monotonic() - last_checkpoint > settings.checkpoint_minutes * 60:
+                self._save_checkpoint()
+                last_checkpoint = time.monotonic()
+
+    def _finish(self, seconds: float, overwrite: bool) -> ModelEntry:
+        assert self.best is not None
+        self.recipe.network.load_state_dict(read_weights(self.workdir / BEST))
+        self.recipe.network.eval()
+        best = self.best
+        split = f"validation: {len(self.validation)} labelled cases held out from training"
+        metrics = [{"name": "dice", "value": round(best["dice"], 4), "split": split, "iteration": best["iteration"]}]
+        if best.get("hd95") is not None:
+            metrics.append({"name": "hd95_mm", "value": round(best["hd95"], 3), "split": split})
+        for value, label_metrics in best["per_label"].items():
+            metrics.append({"name": f"dice_label_{value}", "value": round(label_metrics["dice"], 4), "split": split})
+        card = dict(self.card)
+        card["metrics"] = metrics
+        card["training"] = {
+            **card.get("training", {}),
+            "recipe": {
+                **card.get("training", {}).get("recipe", {}),
+                **self.recipe.describe(),
+                "iterations": self.settings.iterations,
+                "seed": self.settings.seed,
+            },
+            "validation_ids": [case_id for case_id, _, _ in self.validation],
+            "seconds": round(seconds, 1),
+            "device": str(self.recipe.device),
+        }
+        entry = save_model(
+            self.output,
+            self.recipe.network,
+            card,
+            overwrite=overwrite,
+            extra_files={"training_log.json": json.dumps(self.history)},
+        )
+        for name in (CHECKPOINT, BEST, LOG):
+            (self.workdir / name).unlink(missing_ok=True)
+        try:
+            self.workdir.rmdir()
+        except OSError:
+            log.warning("left %s in place: it holds files this run did not write", self.workdir)
+        return entry
