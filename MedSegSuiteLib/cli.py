@@ -228,6 +228,62 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate --------------------------------------------------------------------------------
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .evaluation import evaluate_folders, evaluate_model
+    from .inference import Predictor
+    from .io import write_image
+    from .io.atomic import atomic_output
+    from .models import ModelRegistry, load_model
+    from .training.datasets import discover_cases, load_case
+
+    if args.model:
+        if args.data is None or args.folders:
+            raise InputError("with --model give the labelled cases as --data DIR (and no PRED_DIR GT_DIR)")
+        model = load_model(args.model, ModelRegistry())
+        predictor = Predictor(model, device=args.device, fast=args.fast)
+        cases = discover_cases(args.data, require_labels=True)
+        if args.ids:
+            wanted = set(Path(args.ids).read_text().split())
+            cases = [c for c in cases if c.id in wanted]
+            if not cases:
+                raise InputError(f"none of the ids in {args.ids} is a case in {args.data}")
+        h5_spacing = _numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0)
+        loaded = [(c.id, *load_case(c, h5_spacing)) for c in cases]
+        save = Path(args.save_predictions) if args.save_predictions else None
+        if save is not None:
+            save.mkdir(parents=True, exist_ok=True)
+
+        def keep(case_id: str, labels) -> None:  # noqa: ANN001
+            if save is not None:
+                write_image(labels, save / f"{case_id}.nii.gz", overwrite=True)
+
+        bar = ProgressBar(enabled=not args.quiet)
+        try:
+            result = evaluate_model(predictor, loaded, progress=bar, on_prediction=keep)
+        finally:
+            bar.close()
+    else:
+        if len(args.folders) != 2:
+            raise InputError("give PRED_DIR GT_DIR, or --model MODEL --data DIR")
+        values = [int(v) for v in args.labels.split(",")] if args.labels else None
+        result = evaluate_folders(args.folders[0], args.folders[1], values)
+    if not args.quiet:
+        print(result.table())
+    if args.json:
+        with atomic_output(args.json, overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
+    mean = result.mean()
+    print(
+        f"mean Dice {mean['dice']:.4f} over {mean['cases']} case(s)"
+        + (f", HD95 {mean['hd95']:.2f} mm" if mean["hd95"] is not None else "")
+    )
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``medsegsuite`` (sub-commands register their handler as ``func``)."""
@@ -297,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     train.add_argument("-q", "--quiet", action="store_true")
     train.set_defaults(func=_cmd_train)
+
+    ev = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions, or of a model on labelled cases")
+    ev.add_argument("folders", nargs="*", metavar="PRED_DIR GT_DIR", help="predicted and reference label maps")
+    ev.add_argument("-m", "--model", help="evaluate this model (id or folder) on --data")
+    ev.add_argument("--data", help="labelled cases for --model (images/ + labels/, .h5 folder or list file)")
+    ev.add_argument("--ids", help="file listing the case ids to use (e.g. a card's validation ids)")
+    ev.add_argument("--labels", help="label values to score, e.g. 1,2 (default: those in the references)")
+    ev.add_argument("--json", help="also write the per-case and mean metrics as JSON here")
+    ev.add_argument("--save-predictions", help="with --model: write each case's labels into this folder")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--fast", action="store_true", help="the model's quicker 3D settings")
+    ev.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
+    ev.add_argument("-q", "--quiet", action="store_true", help="only the mean line")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, InputError
+from ..evaluation import evaluate_model
 from ..inference import Predictor
 from ..io.atomic import atomic_output
 from ..models import LoadedModel, ModelEntry, card_from_dict, save_model
 from ..models.weights import read_weights, save_weights
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
-from .metrics import case_metrics, summarize
 from .recipes.base import Recipe, TrainingData
 
-__all__ = ["Trainer", "TrainingSettings", "evaluate_model"]
+__all__ = ["Trainer", "TrainingSettings"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -53,20 +53,6 @@ class TrainingSettings:
             raise InputError("iterations must be at least 1")
         if self.validate_every <= 0:
             self.validate_every = max(1, self.iterations // 10)
-
-
-def evaluate_model(
-    predictor: Predictor, cases: Sequence[tuple[str, Volume, Volume]], cancel: Optional[threading.Event] = None
-) -> dict[str, Any]:
-    """Mean and per-label Dice/IoU/HD95 of ``predictor`` on (id, image, label) cases at their own resolution."""
-    values = [label.value for label in predictor.card.labels]
-    per_case = []
-    for _, image, truth in cases:
-        prediction = predictor.predict(image, cancel=cancel).labels.array
-        per_case.append(case_metrics(prediction, truth.array, values, image.spacing))
-    result = summarize(per_case)
-    result["per_label"] = {str(v): summarize([{v: case[v]} for case in per_case]) for v in values}
-    return result
 
 
 class Trainer:
@@ -133,7 +119,9 @@ class Trainer:
         network.eval()
         try:
             predictor = Predictor(LoadedModel(card, network), device=self.recipe.device)
-            return evaluate_model(predictor, self.validation, cancel)
+            mean = evaluate_model(predictor, self.validation, cancel=cancel).mean()
+            mean["per_label"] = {str(value): metrics for value, metrics in mean["per_label"].items()}
+            return mean
         finally:
             network.train()
 
