@@ -137,6 +137,53 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- refine ----------------------------------------------------------------------------------
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .geometry import Box
+    from .io import read_image, write_image
+    from .io.atomic import compound_suffix
+    from .models import ModelRegistry, load_model
+    from .refine.refinement import Refiner
+
+    for path in [Path(args.output)] + ([Path(args.uncertainty)] if args.uncertainty else []):
+        if path.exists() and not args.overwrite:
+            raise InputError(f"{path} already exists; pass --overwrite to replace it")
+        if compound_suffix(path) not in (".nrrd", ".nii", ".nii.gz", ".mha", ".png"):
+            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii or .mha")
+    volume = read_image(args.input)
+    mask = read_image(args.mask)
+    keep = read_image(args.keep) if args.keep else None
+    refiner = Refiner(load_model(args.model, ModelRegistry()), device=args.device)
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        result = refiner.refine(
+            volume,
+            mask,
+            args.steps,
+            keep=keep,
+            scope=args.scope,
+            slice_index=args.slice,
+            roi=Box.parse(args.roi) if args.roi else None,
+            seed=args.seed,
+            ensemble=args.ensemble,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    write_image(result.labels, args.output, overwrite=args.overwrite)
+    if args.uncertainty:
+        if result.uncertainty is None:
+            raise InputError("--uncertainty needs --ensemble 2 or more")
+        write_image(result.uncertainty, args.uncertainty, overwrite=args.overwrite)
+    changed = int((result.labels.array != mask.array).sum())
+    if not args.quiet:
+        print(f"wrote {args.output}: {changed} voxel(s) changed on {len(result.slices)} slice(s)")
+    return 0
+
+
 # -- train -----------------------------------------------------------------------------------
 def _numbers(text: Optional[str], count: int, kind: type, what: str) -> Optional[list]:
     from .errors import InputError
@@ -284,6 +331,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ----------------------------------------------------------------------------------
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    written = export(
+        args.segmentation,
+        args.output,
+        reference=args.reference,
+        labels=args.labels,
+        dicom_series=args.dicom_series,
+        overwrite=args.overwrite,
+        overlap=args.overlap,
+        resample=args.resample,
+        series_uid=args.series_uid,
+    )
+    if not args.quiet:
+        print("wrote " + " and ".join(str(path) for path in written))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``medsegsuite`` (sub-commands register their handler as ``func``)."""
@@ -324,6 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=_cmd_segment)
+
+    ref = commands.add_parser("refine", help="HiDiff refinement steps starting from a (corrected) mask")
+    ref.add_argument("input", help="the image the mask belongs to")
+    ref.add_argument("--mask", required=True, help="label map to refine (same grid as the image)")
+    ref.add_argument("-m", "--model", required=True, help="a HiDiff model (id or folder)")
+    ref.add_argument(
+        "--steps", type=int, required=True, help="diffusion steps (0 returns the mask; more moves further)"
+    )
+    ref.add_argument("--keep", help="voxels (non-zero) that must not change, e.g. your own edits")
+    ref.add_argument("--scope", default="volume", choices=("volume", "slice", "roi"))
+    ref.add_argument("--slice", type=int, help="axial slice index for --scope slice (0 = most inferior)")
+    ref.add_argument("--roi", help="x0,y0,z0,x1,y1,z1 voxel box for --scope roi")
+    ref.add_argument("--seed", type=int, default=0, help="same seed, same result")
+    ref.add_argument("--ensemble", type=int, default=1, help="average this many chains (2+ gives an uncertainty map)")
+    ref.add_argument("--uncertainty", help="write the per-voxel uncertainty (needs --ensemble 2+)")
+    ref.add_argument("-o", "--output", required=True, help="refined label map to write")
+    ref.add_argument("--device", default="auto")
+    ref.add_argument("--overwrite", action="store_true")
+    ref.add_argument("-q", "--quiet", action="store_true")
+    ref.set_defaults(func=_cmd_refine)
 
     train = commands.add_parser("train", help="train a model on a folder of labelled images")
     train.add_argument("--network", required=True, help="network to train (unet, condseg, banet, dnet, canet, hidiff)")
@@ -367,6 +454,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
     ev.add_argument("-q", "--quiet", action="store_true", help="only the mean line")
     ev.set_defaults(func=_cmd_evaluate)
+
+    ex = commands.add_parser(
+        "export",
+        help="write a segmentation as Slicer .seg.nrrd, a label map + JSON label table, or DICOM SEG",
+        description="The output format follows OUTPUT's extension: .seg.nrrd (Slicer segmentation, overlaps kept in "
+        "layers), .nii.gz/.nii/.nrrd (label map on the reference grid + NAME.labels.json: value, name, colour, "
+        "terminology), .dcm (DICOM SEG referencing --dicom-series). A label map holds one label per voxel: "
+        "overlapping segments are refused unless --overlap first|last says which one wins.",
+    )
+    ex.add_argument("segmentation", help="label map (.nrrd, .nii.gz, .nii, .mha, .png), Slicer .seg.nrrd or DICOM SEG")
+    ex.add_argument("-o", "--output", required=True, help="file to write: .seg.nrrd, .nii.gz, .nii, .nrrd or .dcm")
+    ex.add_argument("--reference", help="volume (file or DICOM folder) whose grid the segmentation must be on")
+    ex.add_argument("--labels", help="label table: a model id (its card's labels) or a label table .json")
+    ex.add_argument("--dicom-series", help="source DICOM series folder the DICOM SEG references (needed for .dcm)")
+    ex.add_argument("--series-uid", help="DICOM series to use when the folder holds several")
+    ex.add_argument(
+        "--overlap",
+        choices=("refuse", "first", "last"),
+        default="refuse",
+        help="label maps only: refuse overlapping segments (default), or let the first / last listed one win",
+    )
+    ex.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample (nearest neighbour) a segmentation on another grid covering the same region onto the reference",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ex.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    ex.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -33,6 +33,7 @@ _NETWORKS: dict[str, tuple[str, str]] = {
     "banet": ("MedSegSuiteLib.networks.banet", "BANet"),
     "hidiff_refiner": ("MedSegSuiteLib.networks.hidiff", "BBDMRefiner"),
     "hidiff_segmentor": ("MedSegSuiteLib.networks.hidiff", "HiDiffSegmentor"),
+    "hidiff": ("MedSegSuiteLib.networks.hidiff_model", "HiDiff"),
     "dnet": ("MedSegSuiteLib.networks.dnet", "DNet"),
     "canet": ("MedSegSuiteLib.networks.canet", "CANet"),
     "canet_discriminator": ("MedSegSuiteLib.networks.canet", "CANetDiscriminator"),

@@ -77,6 +77,7 @@ def build_card(
     channels: int,
     labels: list[dict[str, Any]],
     defaults: dict[str, Any],
+    inference: dict[str, Any],
     config: dict[str, Any],
 ) -> dict[str, Any]:
     """The card data of the model a training run will produce (weights and metrics come later)."""
@@ -98,7 +99,7 @@ def build_card(
         "config": config,
         "dims": dims,
         "input": inp,
-        "inference": defaults["inference"],
+        "inference": inference,
         "labels": labels,
         "licence": f"weights trained on data under: {options.data_licence}",
         "training": {"data": str(options.data), "licence": options.data_licence},
@@ -165,7 +166,7 @@ def train_model(
     labels = _labels(options, sorted(set(label_values([label for _, _, label in validation])) | set(store.values)))
     store.remap([int(label["value"]) for label in labels])
     config = {**module.network_config(dims, channels, len(labels)), **options.config}
-    card = build_card(options, dims, channels, labels, defaults, config)
+    card = build_card(options, dims, channels, labels, defaults, module.inference(dims, len(labels)), config)
     card["training"]["cases"] = {"train": len(train_cases), "validation": len(val_cases)}
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)

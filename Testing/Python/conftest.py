@@ -206,3 +206,45 @@ def write_dicom_series(
         writer.Execute(plane)
         files.append(path)
     return files
+
+
+def grey_disc(size: int, centre_yx, radius: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy 8-bit grey image (y, x) with one bright disc, and its boolean mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = (yy - centre_yx[0]) ** 2 + (xx - centre_yx[1]) ** 2 <= radius**2
+    image = np.clip(rng.normal(80, 20, (size, size)) + 100 * mask, 0, 255).astype(np.uint8)
+    return image, mask
+
+
+@pytest.fixture(scope="session")
+def hidiff_dir(tmp_path_factory) -> Path:
+    """A HiDiff lite model (segmentor + refiner) trained briefly on 32x32 grey discs."""
+    from PIL import Image
+
+    from MedSegSuiteLib.training.jobs import TrainOptions, train_model
+
+    root = tmp_path_factory.mktemp("hidiff-data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        image, mask = grey_disc(32, rng.uniform(9, 23, 2), rng.uniform(4, 8), seed=i)
+        Image.fromarray(image).save(root / "images" / f"d{i:02d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"d{i:02d}.png")
+    output = tmp_path_factory.mktemp("models") / "test-hidiff"
+    options = TrainOptions(
+        network="hidiff",
+        data=root,
+        output=output,
+        model_id="test-hidiff",
+        iterations=200,
+        batch_size=8,
+        size_xy=(32, 32),
+        device="cpu",
+        validate_every=100,
+        labels=[{"value": 1, "name": "Disc", "color": [250, 200, 40]}],
+        recipe={"pretrain_fraction": 0.25},
+        data_licence="CC0-1.0 (synthetic)",
+    )
+    return train_model(options).directory

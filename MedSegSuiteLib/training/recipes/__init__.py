@@ -4,9 +4,11 @@ Each recipe module provides:
 
 - ``network_config(dims, channels, num_labels) -> dict``: constructor overrides for
   the given image channels and number of labels;
-- ``card_defaults(dims) -> dict``: the card's ``input`` and ``inference`` sections
-  (without ``channels``) and ``defaults`` for the run: batch size, iterations,
-  learning rate, 2D size or 3D patch, augmentation;
+- ``card_defaults(dims) -> dict``: the card's ``input`` section (without ``channels``;
+  a ``channels`` key beside it forces the image channels) and ``defaults`` for the run:
+  batch size, iterations, learning rate, augmentation and recipe options;
+- ``inference(dims, num_labels) -> dict``: the card's ``inference`` section;
+- ``DIMS`` (optional): the dimensionalities the network trains in, default (2, 3);
 - ``make(network, options) -> Recipe``: the recipe for a built network.
 """
 
@@ -19,6 +21,7 @@ __all__ = ["recipe_module", "trainable_networks"]
 
 _RECIPES = {
     "unet": "MedSegSuiteLib.training.recipes.unet",
+    "hidiff": "MedSegSuiteLib.training.recipes.hidiff",
 }
 
 

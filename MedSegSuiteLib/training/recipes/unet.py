@@ -10,7 +10,7 @@ from ..data import Augment
 from ..losses.common import dice_ce_loss
 from .base import Recipe, SupervisedRecipe
 
-__all__ = ["card_defaults", "make", "network_config"]
+__all__ = ["card_defaults", "inference", "make", "network_config"]
 
 
 def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
@@ -21,7 +21,6 @@ def card_defaults(dims: int) -> dict[str, Any]:
     if dims == 2:
         return {
             "input": {"normalization": {"kind": "zscore"}, "size_xy": [256, 256]},
-            "inference": {"activation": "softmax", "batch_size": 8},
             "defaults": {
                 "batch_size": 8,
                 "iterations": 2000,
@@ -31,9 +30,14 @@ def card_defaults(dims: int) -> dict[str, Any]:
         }
     return {
         "input": {"normalization": {"kind": "zscore"}, "patch_xyz": [64, 64, 64]},
-        "inference": {"activation": "softmax", "overlap": 0.5, "batch_size": 2, "fast": {"overlap": 0.25}},
         "defaults": {"batch_size": 2, "iterations": 2000, "lr": 2e-3, "augment": Augment(noise=0.05)},
     }
+
+
+def inference(dims: int, num_labels: int) -> dict[str, Any]:
+    if dims == 2:
+        return {"activation": "softmax", "batch_size": 8}
+    return {"activation": "softmax", "overlap": 0.5, "batch_size": 2, "fast": {"overlap": 0.25}}
 
 
 def _loss(network: nn.Module, images, classes):  # noqa: ANN001

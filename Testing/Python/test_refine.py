@@ -1,0 +1,163 @@
+"""Refinement steps from a corrected mask: keep, steps = 0, seeds, scopes, and moving towards the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import grey_disc
+
+from MedSegSuiteLib.cli import main
+from MedSegSuiteLib.errors import InputError, ModelError
+from MedSegSuiteLib.geometry import Box
+from MedSegSuiteLib.io import read_image, write_image
+from MedSegSuiteLib.models import load_model
+from MedSegSuiteLib.refine.refinement import Refiner, axial_index
+from MedSegSuiteLib.volume import Volume
+
+
+def _dice(a, b):
+    a, b = a.astype(bool), b.astype(bool)
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def refiner(hidiff_dir):
+    return Refiner(load_model(hidiff_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def defective():
+    """Three axial slices of discs; the mask has a hole and a spur on every slice."""
+    images, truths, masks = [], [], []
+    for k, centre in enumerate([(16, 15), (15, 17), (17, 16)]):
+        image, truth = grey_disc(32, centre, 7.5, seed=40 + k)
+        yy, xx = np.mgrid[:32, :32]
+        mask = truth.copy()
+        mask[(yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 2.5**2] = False  # a hole
+        mask[centre[0] - 1 : centre[0] + 1, centre[1] + 8 : centre[1] + 14] = True  # a spur
+        images.append(image)
+        truths.append(truth)
+        masks.append(mask)
+    spacing, origin = (0.8, 0.8, 2.0), (5.0, -3.0, 10.0)
+    return (
+        Volume(np.stack(images).astype(np.float32), spacing, origin),
+        Volume(np.stack(masks).astype(np.uint8), spacing, origin),
+        np.stack(truths),
+    )
+
+
+def test_refinement_moves_a_mask_with_a_hole_and_a_spur_towards_the_truth(refiner, defective):
+    image, mask, truth = defective
+    before = _dice(mask.array, truth)
+    result = refiner.refine(image, mask, steps=3, ensemble=4, seed=0)
+    after = _dice(result.labels.array, truth)
+    assert after > before + 0.01, (before, after)
+    assert result.labels.grid.same_as(mask.grid, atol=0) and result.labels.array.dtype == np.uint8
+    assert (
+        result.uncertainty is not None and 0 <= result.uncertainty.array.min() <= result.uncertainty.array.max() <= 0.5
+    )
+
+
+def test_steps_zero_returns_the_mask(refiner, defective):
+    image, mask, _ = defective
+    assert np.array_equal(refiner.refine(image, mask, steps=0).labels.array, mask.array)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 10])
+def test_kept_voxels_never_change(refiner, defective, steps):
+    image, mask, truth = defective
+    keep = np.random.default_rng(steps).random(mask.shape) < 0.3
+    keep |= mask.array != truth  # including every voxel the refiner would like to fix
+    result = refiner.refine(image, mask, steps=steps, keep=mask.with_array(keep.astype(np.uint8)), seed=steps)
+    assert np.array_equal(result.labels.array[keep], mask.array[keep])
+
+
+def test_same_seed_same_result(refiner, defective):
+    image, mask, _ = defective
+    a = refiner.refine(image, mask, steps=5, seed=11).labels.array
+    b = refiner.refine(image, mask, steps=5, seed=11).labels.array
+    assert np.array_equal(a, b)
+    others = [refiner.refine(image, mask, steps=10, seed=s).labels.array for s in (1, 2, 3)]
+    assert any(not np.array_equal(others[0], o) for o in others[1:]), "the sampler should be stochastic across seeds"
+
+
+def test_slice_and_roi_scopes_change_only_their_part(refiner, defective):
+    image, mask, _ = defective
+    one = refiner.refine(image, mask, steps=5, scope="slice", slice_index=1, seed=0)
+    assert one.slices == (1,)
+    assert np.array_equal(one.labels.array[[0, 2]], mask.array[[0, 2]])
+    assert axial_index(image, image.grid.index_to_physical((3, 4, 2))) == 2
+    box = Box((4, 4, 0), (28, 28, 2))
+    part = refiner.refine(image, mask, steps=5, scope="roi", roi=box, seed=0)
+    outside = np.ones(mask.shape, bool)
+    outside[box.numpy_slices()] = False
+    assert np.array_equal(part.labels.array[outside], mask.array[outside])
+
+
+def test_bad_requests_are_refused(refiner, defective, unet3d_dir):
+    image, mask, _ = defective
+    with pytest.raises(InputError, match="the mask is empty"):
+        refiner.refine(image, mask.with_array(np.zeros_like(mask.array)), steps=3)
+    with pytest.raises(InputError, match="label value\\(s\\) \\[7\\]"):
+        refiner.refine(image, mask.with_array(mask.array * 7), steps=3)
+    with pytest.raises(InputError, match="grid"):
+        refiner.refine(image, Volume(mask.array), steps=3)
+    with pytest.raises(InputError, match="steps must be between 0 and 10"):
+        refiner.refine(image, mask, steps=11)
+    with pytest.raises(ModelError, match="refinement steps need a HiDiff model"):
+        Refiner(load_model(unet3d_dir), device="cpu")
+
+
+def test_cli_refine_writes_labels_and_uncertainty(hidiff_dir, defective, tmp_path, capsys):
+    image, mask, truth = defective
+    write_image(image, tmp_path / "image.nrrd")
+    write_image(mask, tmp_path / "mask.nrrd")
+    code = main(
+        [
+            "refine",
+            str(tmp_path / "image.nrrd"),
+            "--mask",
+            str(tmp_path / "mask.nrrd"),
+            "-m",
+            str(hidiff_dir),
+            "--steps",
+            "3",
+            "--ensemble",
+            "2",
+            "--uncertainty",
+            str(tmp_path / "unc.nrrd"),
+            "-o",
+            str(tmp_path / "refined.nrrd"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "voxel(s) changed on 3 slice(s)" in capsys.readouterr().out
+    assert read_image(tmp_path / "refined.nrrd").shape == mask.shape
+    assert read_image(tmp_path / "unc.nrrd").array.dtype == np.float32
+    code = main(
+        [
+            "refine",
+            str(tmp_path / "image.nrrd"),
+            "--mask",
+            str(tmp_path / "mask.nrrd"),
+            "-m",
+            str(hidiff_dir),
+            "--steps",
+            "3",
+            "-o",
+            str(tmp_path / "refined.nrrd"),
+        ]
+    )
+    assert code == 2
+
+
+def test_hidiff_model_segments_like_any_model(hidiff_dir, defective):
+    from MedSegSuiteLib.inference import Predictor
+
+    image, _, truth = defective
+    model = load_model(hidiff_dir)
+    full = Predictor(model, device="cpu").predict(image).labels.array
+    assert _dice(full, truth) > 0.6
+    assert np.array_equal(full, Predictor(model, device="cpu").predict(image).labels.array), "seeded sampling"
