@@ -191,6 +191,7 @@ def write_dicom_series(
             "0010|0020": "TEST001",
             "0020|000d": f"{series_uid}.0",
             "0020|000e": series_uid,
+            "0020|0052": f"{series_uid}.9",
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.6f}" for v in position),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])),
