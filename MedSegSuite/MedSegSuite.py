@@ -1,11 +1,27 @@
 """MedSegSuite: the 3D Slicer module (metadata, panel and self-test). Logic lives in MedSegSuiteLib."""
 
+from __future__ import annotations
+
+import os
+import sys
+
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if not os.path.isdir(os.path.join(_HERE, "MedSegSuiteLib")) and os.path.isdir(os.path.join(_ROOT, "MedSegSuiteLib")):
+    sys.path.insert(0, _ROOT)  # running from the source tree: MedSegSuiteLib sits beside this folder
+
+
+def _resource(widget, relative):
+    """A file of Resources/, beside the module when built, at the repository top in the source tree."""
+    path = widget.resourcePath(relative)
+    return path if os.path.exists(path) else os.path.join(_ROOT, "Resources", relative)
 
 
 class MedSegSuite(ScriptedLoadableModule):
@@ -16,8 +32,8 @@ class MedSegSuite(ScriptedLoadableModule):
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["MedSegSuite developers"]
         self.parent.helpText = (
-            "Segment images with ConDSeg, BA-Net, HiDiff, CANet or D-Net, refine corrected masks, finetune models "
-            "on your own labelled volumes and export the results. "
+            "Segment CT, MRI and 2D images with ConDSeg, BA-Net, HiDiff, CANet or D-Net models. Choose the input "
+            "volume and a model, click Segment; the work runs in a background process, so the viewer stays usable. "
             '<a href="https://github.com/MedSegSuite/MedSegSuite#readme">Documentation</a>.'
         )
         self.parent.acknowledgementText = (
@@ -27,43 +43,168 @@ class MedSegSuite(ScriptedLoadableModule):
 
 
 class MedSegSuiteWidget(ScriptedLoadableModuleWidget):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self.panel = None
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        self.panel = slicer.util.loadUI(self.resourcePath("UI/MedSegSuite.ui"))
-        self.layout.addWidget(self.panel)
-        self.ui = slicer.util.childWidgetVariables(self.panel)
-        self.panel.setMRMLScene(slicer.mrmlScene)
-        self.entries = []
-        self.ui.modelSelector.currentIndexChanged.connect(self.onModelChanged)
-        self.refreshModels()
+        from MedSegSuiteLib.slicer.logic import SegmentationLogic
+        from MedSegSuiteLib.slicer.panel import SegmentPanel
+
+        uiWidget = slicer.util.loadUI(_resource(self, "UI/MedSegSuite.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SegmentationLogic()
+        self.panel = SegmentPanel(self.ui, self.logic, requirements=_resource(self, "requirements.txt"))
+        self.panel.initialize_parameter_node()
+
+    def enter(self):
+        self.panel.enter()
+
+    def cleanup(self):
+        if self.panel is not None:
+            self.panel.cleanup()
+            self.logic.shutdown()
 
     def refreshModels(self):
-        from MedSegSuiteLib.models import ModelRegistry
-
-        registry = ModelRegistry()
-        self.entries = registry.entries()
-        self.ui.modelSelector.clear()
-        for entry in self.entries:
-            self.ui.modelSelector.addItem(f"{entry.card.name} ({entry.card.version})")
-        if not self.entries:
-            self.ui.modelInfoLabel.setText(f"No models found in {registry.bundled_dir} or {registry.user_dir}.")
-
-    def onModelChanged(self, index):
-        if not 0 <= index < len(self.entries):
-            return
-        card = self.entries[index].card
-        labels = ", ".join(label.name for label in card.labels)
-        self.ui.modelInfoLabel.setText(f"{card.network} ({card.dims}D) - labels: {labels} - licence: {card.licence}")
+        self.panel.refresh_models()
 
 
 class MedSegSuiteTest(ScriptedLoadableModuleTest):
+    """Drives the panel like a user: segment, cancel, survive a worker crash, reload the scene.
+
+    Needs a 3D model: a bundled one if installed, else an imported one. Without any,
+    the segmentation steps are skipped with a message (set
+    MEDSEGSUITE_SELFTEST_REQUIRE_MODEL=1 to make that a failure).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
     def runTest(self):
-        self.test_models_are_listed()
+        self.setUp()
+        self.test_MedSegSuite1()
 
-    def test_models_are_listed(self):
-        from MedSegSuiteLib.models import ModelRegistry
+    def test_MedSegSuite1(self):
+        from MedSegSuiteLib.slicer import testing
 
-        registry = ModelRegistry()
-        for entry in registry.entries():
-            self.assertTrue(entry.weights_path.is_file(), entry.card.id)
-        self.assertEqual(registry.problems, [])
+        self.widget = slicer.util.getModuleWidget("MedSegSuite")
+        self.widget.refreshModels()
+        self.entry = testing.pick_3d_model(self.widget.panel.entries)
+        volume, mask = testing.add_ball_volume("Ball", shape=(24, 48, 48))
+        self.widget.ui.inputVolumeSelector.setCurrentNode(volume)
+        if self.entry is None:
+            if os.environ.get("MEDSEGSUITE_SELFTEST_REQUIRE_MODEL"):
+                self.fail("no 3D model is installed")
+            self.delayDisplay("No 3D model installed: skipping the segmentation steps (import one first).")
+            self._checkSceneReload(volume, None)
+            return
+        self.widget.ui.modelSelector.setCurrentIndex(self.widget.ui.modelSelector.findData(self.entry.card.id))
+        segmentation = self._segment(volume, mask)
+        big, _ = testing.add_ball_volume("Big ball", shape=(48, 96, 96), seed=1, study=None)
+        self._cancelMidway(big, segmentation)
+        self._killWorkerMidway(big, segmentation)
+        self._checkSceneReload(volume, segmentation)
+        self.delayDisplay("MedSegSuite self-test passed")
+
+    # -- steps ---------------------------------------------------------------------------
+    def _clickAndWait(self, timeout=300):
+        from MedSegSuiteLib.slicer import testing
+
+        self.widget.ui.segmentButton.click()
+        self.assertTrue(testing.wait_until(lambda: not self.widget.logic.busy, timeout), "segmentation timed out")
+        return self.widget.logic.status
+
+    def _waitForSegmenting(self):
+        from MedSegSuiteLib.slicer import testing
+
+        logic = self.widget.logic
+        testing.wait_until(lambda: logic.status.stage == "segmenting" or not logic.busy)
+        self.assertTrue(logic.busy, f"the job ended before it could be interrupted: {logic.status.message}")
+        self.assertEqual(self.widget.ui.segmentButton.property("text"), "Cancel")
+
+    def _segment(self, volume, mask):
+        from MedSegSuiteLib.slicer import testing
+
+        self.delayDisplay(f"Segmenting with {self.entry.card.name}")
+        self.widget.ui.outputSegmentationSelector.setCurrentNode(None)
+        status = self._clickAndWait()
+        self.assertEqual(status.state, "done", status.message)
+        segmentation = slicer.mrmlScene.GetNodeByID(status.output_node_id)
+        self.assertIs(self.widget.ui.outputSegmentationSelector.currentNode(), segmentation)
+        self.assertTrue(testing.reference_geometry_matches(segmentation, volume))
+        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(len(self.entry.card.labels))]
+        self.assertEqual(names, [label.name for label in self.entry.card.labels])
+        for label in self.entry.card.labels:
+            segment = segmentation.GetSegmentation().GetSegment(label.name)
+            color = [round(c * 255) for c in segment.GetColor()]
+            self.assertEqual(color, list(label.color))
+            if label.terminology:
+                self.assertIn("^".join(label.terminology["type"]), segment.GetTerminology())
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        study = sh.GetItemParent(sh.GetItemByDataNode(volume))
+        self.assertEqual(sh.GetItemParent(sh.GetItemByDataNode(segmentation)), study)
+        self.assertIsNotNone(segmentation.GetDisplayNode())
+        if "Ball" in names:
+            found = testing.segment_array(segmentation, "Ball", volume)
+            self.assertGreater(testing.dice(found, mask), 0.7)
+        return segmentation
+
+    def _snapshot(self, segmentation, volume):
+        from MedSegSuiteLib.slicer import testing
+
+        segments = segmentation.GetSegmentation()
+        ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
+        arrays = [testing.segment_array(segmentation, i, volume).tobytes() for i in ids]
+        return slicer.mrmlScene.GetNumberOfNodes(), ids, arrays
+
+    def _cancelMidway(self, big, segmentation):
+        self.delayDisplay("Cancelling a run midway")
+        volume = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        before = self._snapshot(segmentation, volume)
+        self.widget.ui.inputVolumeSelector.setCurrentNode(big)
+        self.widget.ui.outputSegmentationSelector.setCurrentNode(segmentation)
+        self.widget.ui.segmentButton.click()
+        self._waitForSegmenting()
+        status = self._clickAndWait()  # the button is Cancel now
+        self.assertEqual(status.state, "cancelled", status.message)
+        self.assertEqual(self._snapshot(segmentation, volume), before)
+        self.assertEqual(self.widget.ui.segmentButton.property("text"), "Segment")
+
+    def _killWorkerMidway(self, big, segmentation):
+        from MedSegSuiteLib.slicer import testing
+
+        self.delayDisplay("Killing the worker during a run")
+        volume = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        before = self._snapshot(segmentation, volume)
+        self.widget.ui.segmentButton.click()
+        self._waitForSegmenting()
+        pid = self.widget.logic.client.pid
+        self.widget.logic.client.process.kill()
+        self.assertTrue(testing.wait_until(lambda: not self.widget.logic.busy, 60))
+        message = self.widget.ui.statusLabel.property("text")
+        self.assertIn("stopped unexpectedly", message)
+        self.assertIn("scene is unchanged", message)
+        self.assertEqual(self._snapshot(segmentation, volume), before)
+        self.widget.ui.inputVolumeSelector.setCurrentNode(volume)
+        status = self._clickAndWait()
+        self.assertEqual(status.state, "done", status.message)
+        self.assertNotEqual(self.widget.logic.client.pid, pid)
+
+    def _checkSceneReload(self, volume, segmentation):
+        from MedSegSuiteLib.slicer import testing
+
+        self.delayDisplay("Saving and reloading the scene")
+        ui = self.widget.ui
+        ui.inputVolumeSelector.setCurrentNode(volume)
+        ui.deviceSelector.setCurrentIndex(ui.deviceSelector.findData("cpu"))
+        model = ui.modelSelector.itemData(ui.modelSelector.property("currentIndex")) if self.entry else ""
+        testing.save_and_reload_scene()
+        self.assertEqual(ui.inputVolumeSelector.currentNode().GetName(), volume.GetName())
+        self.assertEqual(ui.deviceSelector.itemData(ui.deviceSelector.property("currentIndex")), "cpu")
+        if segmentation is not None:
+            self.assertEqual(ui.outputSegmentationSelector.currentNode().GetName(), segmentation.GetName())
+            self.assertEqual(ui.modelSelector.itemData(ui.modelSelector.property("currentIndex")), model)

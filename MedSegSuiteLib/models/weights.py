@@ -11,13 +11,14 @@ import hashlib
 import json
 import pickle
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from ..errors import WeightsError
 from ..io.atomic import atomic_output
+
+if TYPE_CHECKING:  # torch is imported where it is used, so listing models needs no torch
+    import torch
+    import torch.nn as nn
 
 __all__ = [
     "CARD_METADATA_KEY",
@@ -61,6 +62,7 @@ def save_weights(
     float32). ``card`` (JSON data) is embedded in the file's metadata so a weights
     file alone can be imported later.
     """
+    import torch
     from safetensors.torch import save_file
 
     tensors = {}
@@ -131,6 +133,8 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
     Accepts a plain ``{name: tensor}`` mapping or one nested under a usual wrapper key
     (``state_dict``, ``network_weights``, ``model`` ...), at any depth.
     """
+    import torch
+
     current = obj
     for _ in range(4):
         if isinstance(current, Mapping) and current and all(isinstance(v, torch.Tensor) for v in current.values()):
@@ -157,6 +161,8 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 
 def read_torch_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
     """Read a PyTorch checkpoint safely (``weights_only=True``) and return its unwrapped state_dict."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path} does not exist")
@@ -182,6 +188,8 @@ def load_state_dict_strict(network: nn.Module, state_dict: Mapping[str, torch.Te
     mismatches (a few examples of each), which usually means the weights belong to
     another network or the card's config does not describe them.
     """
+    import torch
+
     expected = network.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

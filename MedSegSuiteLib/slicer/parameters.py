@@ -1,0 +1,108 @@
+"""The MedSegSuite parameter node: the panel's choices, saved with the scene.
+
+The classic pattern: one ``vtkMRMLScriptedModuleNode`` per scene with the singleton
+tag ``MedSegSuite``, string parameters for plain values and node references for
+nodes. The singleton tag is set *before* the node is added, so loading a saved scene
+merges the saved choices into the existing node instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import slicer
+
+__all__ = ["MODULE_NAME", "Parameters", "get_parameter_node"]
+
+MODULE_NAME = "MedSegSuite"
+
+# node reference roles
+INPUT_VOLUME = "InputVolume"
+OUTPUT_SEGMENTATION = "OutputSegmentation"
+REGION = "Region"
+# string parameters and their defaults
+MODEL = "Model"
+DEVICE = "Device"
+FAST = "FastMode"
+DEFAULTS = {MODEL: "", DEVICE: "auto", FAST: "false"}
+
+
+def get_parameter_node(scene: Optional[Any] = None, create: bool = True) -> Optional[Any]:
+    """The scene's MedSegSuite parameter node (created with defaults if missing and ``create``)."""
+    scene = scene or slicer.mrmlScene
+    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        if not create:
+            return None
+        new = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        new.UnRegister(None)  # the Python variable owns it now
+        new.SetSingletonTag(MODULE_NAME)
+        new.SetModuleName(MODULE_NAME)
+        new.SetName(MODULE_NAME)
+        new.SetHideFromEditors(True)
+        node = scene.AddNode(new)
+    for key, value in DEFAULTS.items():
+        if not node.GetParameter(key):
+            node.SetParameter(key, value)
+    return node
+
+
+class Parameters:
+    """Typed view of a parameter node; setting a value modifies the node (and notifies observers)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def _ref(self, role: str) -> Optional[Any]:
+        return self.node.GetNodeReference(role)
+
+    def _set_ref(self, role: str, value: Optional[Any]) -> None:
+        self.node.SetNodeReferenceID(role, value.GetID() if value is not None else None)
+
+    @property
+    def input_volume(self) -> Optional[Any]:
+        return self._ref(INPUT_VOLUME)
+
+    @input_volume.setter
+    def input_volume(self, value: Optional[Any]) -> None:
+        self._set_ref(INPUT_VOLUME, value)
+
+    @property
+    def output_segmentation(self) -> Optional[Any]:
+        return self._ref(OUTPUT_SEGMENTATION)
+
+    @output_segmentation.setter
+    def output_segmentation(self, value: Optional[Any]) -> None:
+        self._set_ref(OUTPUT_SEGMENTATION, value)
+
+    @property
+    def region(self) -> Optional[Any]:
+        return self._ref(REGION)
+
+    @region.setter
+    def region(self, value: Optional[Any]) -> None:
+        self._set_ref(REGION, value)
+
+    @property
+    def model_id(self) -> str:
+        return self.node.GetParameter(MODEL)
+
+    @model_id.setter
+    def model_id(self, value: str) -> None:
+        self.node.SetParameter(MODEL, value or "")
+
+    @property
+    def device(self) -> str:
+        return self.node.GetParameter(DEVICE) or DEFAULTS[DEVICE]
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self.node.SetParameter(DEVICE, value or DEFAULTS[DEVICE])
+
+    @property
+    def fast(self) -> bool:
+        return self.node.GetParameter(FAST) == "true"
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        self.node.SetParameter(FAST, "true" if value else "false")

@@ -1,0 +1,146 @@
+"""Label maps -> segmentation nodes with named, coloured, terminology-coded segments.
+
+A result becomes one segment per model-card label (empty labels included, so the user
+can paint them), with the label's name and colour, its terminology codes in Slicer's
+string form, and tags naming the model. The input volume is the segmentation's
+reference geometry, its parent transform is the input's, it sits next to the input in
+the subject hierarchy (the input's study for DICOM data), and it is shown in the slice
+views.
+
+Terminology strings come from :func:`MedSegSuiteLib.io.label_table.terminology_string`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import InputError
+from ..io.label_table import terminology_string
+from .volumes import grid_from_node
+
+if TYPE_CHECKING:
+    from ..models.card import Label
+
+__all__ = [
+    "TAG_LABEL_VALUE",
+    "TAG_MODEL",
+    "create_segmentation_node",
+    "place_next_to",
+    "write_labels",
+]
+
+TAG_MODEL = "MedSegSuite.model"
+TAG_LABEL_VALUE = "MedSegSuite.labelValue"
+
+
+def create_segmentation_node(reference_node: Any, name: Optional[str] = None, scene: Optional[Any] = None) -> Any:
+    """A new, empty segmentation node with display nodes, named after ``reference_node`` by default."""
+    scene = scene or reference_node.GetScene() or slicer.mrmlScene
+    base = name or f"{reference_node.GetName()} segmentation"
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(base))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _oriented_mask(mask: np.ndarray, ijk_to_ras: vtk.vtkMatrix4x4) -> Any:
+    image = slicer.vtkOrientedImageData()
+    k, j, i = mask.shape
+    image.SetDimensions(i, j, k)
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    scalars = numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(mask, dtype=np.uint8).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR
+    )
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def write_labels(
+    segmentation_node: Any,
+    labels: np.ndarray,
+    reference_node: Any,
+    card_labels: Sequence[Label],
+    model_tag: str = "",
+) -> list[str]:
+    """Replace the content of ``segmentation_node`` with one segment per card label; returns the segment ids.
+
+    ``labels`` is a ``[k, j, i]`` label array on ``reference_node``'s voxel grid. The
+    segments are named, coloured and terminology-coded from ``card_labels`` and tagged
+    with ``model_tag`` and their label value; the reference geometry and parent
+    transform become the reference node's. Everything that can fail is computed
+    before the node is modified.
+    """
+    grid = grid_from_node(reference_node)
+    labels = np.asarray(labels)
+    if labels.shape != grid.shape:
+        raise InputError(
+            f"the result's shape {labels.shape} does not match volume {reference_node.GetName()!r} {grid.shape}; "
+            "the volume changed while segmenting: run again"
+        )
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    masks = {}
+    for label in card_labels:
+        mask = labels == label.value
+        if mask.any():
+            masks[label.value] = _oriented_mask(mask, ijk_to_ras)
+
+    segmentation = segmentation_node.GetSegmentation()
+    was_modifying = segmentation_node.StartModify()
+    try:
+        segmentation.RemoveAllSegments()
+        segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        ids = []
+        for label in card_labels:
+            segment_id = segmentation.AddEmptySegment(label.name, label.name, [c / 255.0 for c in label.color])
+            segment = segmentation.GetSegment(segment_id)
+            term = terminology_string(label)
+            if term:
+                segment.SetTerminology(term)
+            if model_tag:
+                segment.SetTag(TAG_MODEL, model_tag)
+            segment.SetTag(TAG_LABEL_VALUE, str(label.value))
+            if label.value in masks:
+                ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                    masks[label.value], segmentation_node, segment_id
+                )
+                if not ok:
+                    raise InputError(f"could not store segment {label.name!r} in {segmentation_node.GetName()!r}")
+            ids.append(segment_id)
+        if model_tag:
+            segmentation_node.SetAttribute(TAG_MODEL, model_tag)
+    finally:
+        segmentation_node.EndModify(was_modifying)
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    display = segmentation_node.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility2D(True)
+    return ids
+
+
+def place_next_to(node: Any, reference_node: Any) -> bool:
+    """Put ``node`` under the subject-hierarchy parent (study or folder) of ``reference_node``.
+
+    Does nothing (returns False) when the reference is not in the hierarchy or sits
+    directly under the scene.
+    """
+    scene = node.GetScene()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene else None
+    if sh is None:
+        return False
+    reference_item = sh.GetItemByDataNode(reference_node)
+    if not reference_item:
+        return False
+    parent = sh.GetItemParent(reference_item)
+    if not parent or parent == sh.GetSceneItemID():
+        return False
+    item = sh.GetItemByDataNode(node) or sh.CreateItem(parent, node)
+    sh.SetItemParent(item, parent)
+    return True

@@ -1,0 +1,161 @@
+"""Helpers for the module self-test (``MedSegSuiteTest``), usable in 3D Slicer and in the test harness.
+
+Synthetic data with a known object, picking an installed model, waiting while Qt keeps
+running, and saving and reloading the scene with the MRML library's own functions (so
+the same code works with and without the Slicer application).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import slicer
+
+from ..volume import Volume
+from .volumes import add_volume_node
+
+__all__ = [
+    "add_ball_volume",
+    "dice",
+    "pick_3d_model",
+    "reference_geometry_matches",
+    "save_and_reload_scene",
+    "segment_array",
+    "wait_until",
+]
+
+
+def _rotation(axis: tuple[float, float, float], degrees: float) -> np.ndarray:
+    axis_array = np.asarray(axis, dtype=np.float64)
+    x, y, z = axis_array / np.linalg.norm(axis_array)
+    angle = np.radians(degrees)
+    c, s, t = np.cos(angle), np.sin(angle), 1 - np.cos(angle)
+    return np.array(
+        [
+            [t * x * x + c, t * x * y - s * z, t * x * z + s * y],
+            [t * x * y + s * z, t * y * y + c, t * y * z - s * x],
+            [t * x * z - s * y, t * y * z + s * x, t * z * z + c],
+        ]
+    )
+
+
+def add_ball_volume(
+    name: str = "MedSegSuite ball",
+    shape: tuple[int, int, int] = (24, 48, 48),
+    radius: float = 6.0,
+    seed: int = 0,
+    study: Optional[str] = "MedSegSuite test study",
+) -> tuple[Any, np.ndarray]:
+    """Add a noisy volume with one bright ball on an oblique grid; returns ``(node, ball mask [k, j, i])``.
+
+    Intensities: about 100 +- 20 outside and 180 inside. The grid is rotated by 20
+    degrees about an oblique axis with anisotropic spacing. With ``study`` the volume
+    is placed in a patient/study of the subject hierarchy, as DICOM data would be.
+    """
+    rng = np.random.default_rng(seed)
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    centre = [(n - 1) / 2.0 for n in shape]
+    mask = ((kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 <= radius**2).astype(np.uint8)
+    image = (100.0 + 20.0 * rng.standard_normal(shape) + 80.0 * mask).astype(np.float32)
+    volume = Volume(image, (0.9, 0.8, 1.2), (-20.0, 15.0, 30.0), _rotation((1.0, 2.0, 3.0), 20.0))
+    node = add_volume_node(volume, name)
+    if study:
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+        patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "MedSegSuite test patient")
+        study_item = sh.CreateStudyItem(patient, study)
+        item = sh.GetItemByDataNode(node) or sh.CreateItem(study_item, node)
+        sh.SetItemParent(item, study_item)
+    return node, mask
+
+
+def pick_3d_model(entries: list[Any]) -> Optional[Any]:
+    """A bundled 3D model if there is one, else an imported 3D model, else None."""
+    three_d = [entry for entry in entries if entry.card.dims == 3]
+    bundled = [entry for entry in three_d if entry.source == "bundled"]
+    return (bundled or three_d or [None])[0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, interval: float = 0.02) -> bool:
+    """Process Qt events until ``predicate()`` is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        slicer.app.processEvents()
+        if predicate():
+            return True
+        time.sleep(interval)
+    slicer.app.processEvents()
+    return bool(predicate())
+
+
+def segment_array(segmentation_node: Any, segment_id: str, reference_node: Any) -> np.ndarray:
+    """A segment's voxels ``[k, j, i]`` (uint8, 0/1) on the reference volume's grid; adds nothing to the scene."""
+    import vtk
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap
+    ):
+        raise ValueError(f"segment {segment_id!r} has no binary labelmap")
+    reference = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(matrix)
+    reference.SetImageToWorldMatrix(matrix)
+    reference.SetExtent(reference_node.GetImageData().GetExtent())
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    i, j, k = reference_node.GetImageData().GetDimensions()
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(k, j, i)
+    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return (values == label_value).astype(np.uint8)
+
+
+def reference_geometry_matches(segmentation_node: Any, volume_node: Any, atol: float = 1e-6) -> bool:
+    """True when the segmentation's reference image geometry is exactly the volume's grid (matrix and extent)."""
+    import vtk
+
+    converter = slicer.vtkSegmentationConverter
+    text = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()
+    )
+    geometry = slicer.vtkOrientedImageData()
+    if not text or not converter.DeserializeImageGeometry(text, geometry, False):
+        return False
+    found, expected = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(found)
+    volume_node.GetIJKToRASMatrix(expected)
+    same_matrix = all(
+        abs(found.GetElement(r, c) - expected.GetElement(r, c)) <= atol for r in range(4) for c in range(4)
+    )
+    dims = volume_node.GetImageData().GetDimensions()
+    extent = tuple(geometry.GetExtent())
+    return same_matrix and extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def save_and_reload_scene() -> None:
+    """Save the scene with its data to a temporary folder, close it, and load the saved copy."""
+    scene = slicer.mrmlScene
+    folder = tempfile.mkdtemp(prefix="medsegsuite-scene-")
+    try:
+        if not slicer.app.applicationLogic().SaveSceneToSlicerDataBundleDirectory(folder, None):
+            raise RuntimeError(f"could not save the scene to {folder}")
+        mrml = [name for name in os.listdir(folder) if name.endswith(".mrml")]
+        if len(mrml) != 1:
+            raise RuntimeError(f"expected one .mrml file in {folder}, found {mrml}")
+        scene.Clear(0)
+        scene.SetURL(os.path.join(folder, mrml[0]))
+        if not scene.Import():
+            raise RuntimeError(f"could not load the scene {mrml[0]}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

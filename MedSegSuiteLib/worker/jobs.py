@@ -1,0 +1,183 @@
+"""What the worker can do: job kinds, their parameters, and the cache of warm models.
+
+A job handler is ``handler(params, context) -> JobOutcome``. It reads its inputs from
+files named in ``params``, reports progress through ``context.progress(done, total,
+stage)``, checks ``context.cancel`` between units of work (raising
+:class:`~MedSegSuiteLib.errors.Cancelled`), writes its outputs atomically, and returns
+their paths. It must write nothing when it fails or is cancelled.
+
+Job kinds (:func:`default_handlers`):
+
+``segment``
+    ``params``: ``model`` (model folder or id), ``input`` (image file), ``output``
+    (label file to write; ``.nrrd`` recommended), ``device`` (``auto``/``cpu``/``cuda``/
+    ``mps``, default ``auto``), ``roi`` (``[x0, y0, z0, x1, y1, z1]`` voxel box, end
+    exclusive, or null), ``fast`` (bool). ``outputs``: ``{"labels": output}``. ``info``:
+    model id and version, device, ``cache_hit``, ``labels_present`` and timings.
+
+More kinds (``refine``, ``finetune``) register here: they share :class:`ModelCache`
+through the context, so a refinement step reuses the segmentor that is already warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from ..errors import InputError
+from ..geometry import Box
+from ..progress import ProgressCallback
+from .protocol import ProtocolError
+
+__all__ = ["JobContext", "JobHandler", "JobOutcome", "ModelCache", "default_handlers", "segment_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    """What a finished job returns: output files by role, and facts for the client (JSON-ready)."""
+
+    outputs: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelCache:
+    """Loaded models kept warm between jobs, least recently used dropped first.
+
+    The key is (resolved model folder, device, weights sha256 from the card), so a
+    model whose weights were replaced on disk is loaded again.
+
+    Args:
+        capacity: how many models to keep (at least 1).
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._models: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, model: str, device: str = "auto") -> tuple[Any, Any, bool]:
+        """``(loaded_model, torch_device, cache_hit)`` for a model folder or id on ``device``."""
+        from ..inference.device import resolve_device
+        from ..models import ModelRegistry, load_model
+
+        entry = ModelRegistry().resolve(model)
+        torch_device = resolve_device(device)
+        key = (str(entry.directory.resolve()), str(torch_device), str(entry.card.weights.get("sha256", "")))
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key], torch_device, True
+        loaded = load_model(entry, device=torch_device)
+        with self._lock:
+            self._models[key] = loaded
+            while len(self._models) > self.capacity:
+                dropped_key, _ = self._models.popitem(last=False)
+                log.info("dropped model %s on %s from the cache", dropped_key[0], dropped_key[1])
+        return loaded, torch_device, False
+
+
+@dataclass
+class JobContext:
+    """What a running job gets from the worker.
+
+    ``report(done, total, stage, unit)`` sends a progress message (throttled by the
+    worker); ``unit`` names what is counted ("windows", "slices", "iterations").
+    """
+
+    job_id: str
+    cancel: threading.Event
+    report: Callable[[int, int, str, str], None]
+    models: ModelCache
+
+    def progress(self, done: int, total: int, stage: str, unit: str = "") -> None:
+        """Report ``done`` of ``total`` units of ``stage``."""
+        self.report(int(done), int(total), str(stage), unit)
+
+    def progress_in(self, unit: str) -> ProgressCallback:
+        """A ``(done, total, stage)`` callback (as the Predictor takes) that reports in ``unit``."""
+        return lambda done, total, stage: self.progress(done, total, stage, unit)
+
+
+JobHandler = Callable[[Mapping[str, Any], JobContext], JobOutcome]
+
+
+def _param(params: Mapping[str, Any], key: str, kind: Any, default: Any = ..., what: str = "") -> Any:
+    if key not in params or params[key] is None:
+        if default is ...:
+            raise ProtocolError(f"job parameter {key!r} is missing{what}")
+        return default
+    value = params[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        name = getattr(kind, "__name__", str(kind))
+        raise ProtocolError(f"job parameter {key!r} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def _roi(value: Any) -> Optional[Box]:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 6 or not all(isinstance(v, int) for v in value):
+        raise ProtocolError(f"job parameter 'roi' must be six integers x0,y0,z0,x1,y1,z1, got {value!r}")
+    return Box(tuple(value[:3]), tuple(value[3:]))  # type: ignore[arg-type]
+
+
+def segment_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
+    """Segment ``params['input']`` with a (cached) model; see the module docstring for the parameters."""
+    import numpy as np
+
+    from ..inference import Predictor
+    from ..io import read_image, write_image
+
+    model = _param(params, "model", str)
+    source = Path(_param(params, "input", str))
+    target = Path(_param(params, "output", str))
+    device = _param(params, "device", str, "auto")
+    fast = _param(params, "fast", bool, False)
+    roi = _roi(params.get("roi"))
+    if not target.parent.is_dir():
+        raise InputError(f"cannot write the result: folder {target.parent} does not exist")
+
+    started = time.perf_counter()
+    context.progress(0, 1, "loading model")
+    loaded, torch_device, hit = context.models.get(model, device)
+    loaded_at = time.perf_counter()
+    context.progress(0, 1, "reading image")
+    volume = read_image(source)
+    unit = "slices" if loaded.card.dims == 2 else "windows"
+    predictor = Predictor(loaded, device=torch_device, fast=fast)
+    prediction = predictor.predict(volume, roi=roi, progress=context.progress_in(unit), cancel=context.cancel)
+    predicted_at = time.perf_counter()
+    write_image(prediction.labels, target, overwrite=True, compress=False)
+    present = [int(v) for v in np.unique(prediction.labels.array) if v != 0]
+    return JobOutcome(
+        outputs={"labels": str(target)},
+        info={
+            "model": loaded.card.id,
+            "version": loaded.card.version,
+            "device": str(torch_device),
+            "cache_hit": hit,
+            "labels_present": present,
+            "seconds": {
+                "load": round(loaded_at - started, 3),
+                "predict": round(predicted_at - loaded_at, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+        },
+    )
+
+
+def default_handlers() -> dict[str, JobHandler]:
+    """The job kinds this worker runs, by name."""
+    return {"segment": segment_job}

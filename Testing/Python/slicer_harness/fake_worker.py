@@ -1,0 +1,195 @@
+"""An in-memory worker process for client, logic and panel tests (the injected-process pattern).
+
+:class:`FakeWorkerProcess` has the attributes :class:`~MedSegSuiteLib.worker.client.WorkerClient`
+uses from ``subprocess.Popen`` and speaks the real protocol. Its "segment" jobs label
+voxels brighter than ``threshold`` as 1 (enough for balls of the synthetic volumes).
+With ``hold=True`` a job stops after its first progress message until the test calls
+:meth:`~FakeWorkerProcess.finish` or ends the process with :meth:`~FakeWorkerProcess.die`.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from typing import Any, Optional
+
+__all__ = ["FakeWorkerFactory", "FakeWorkerProcess"]
+
+
+class _Lines:
+    """A readable text stream fed line by line; ``readline`` blocks until a line or EOF."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+
+    def put(self, line: str) -> None:
+        self._queue.put(line)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def readline(self) -> str:
+        line = self._queue.get()
+        if line is None:
+            self._queue.put(None)
+            return ""
+        return line
+
+
+class _Writer:
+    def __init__(self, on_line) -> None:
+        self._on_line = on_line
+        self._buffer = ""
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        if self.closed:
+            raise BrokenPipeError("the fake worker is gone")
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self._on_line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.closed:
+            raise BrokenPipeError("the fake worker is gone")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeWorkerProcess:
+    """A pretend ``python -m MedSegSuiteLib.worker``.
+
+    Args:
+        devices: what its ``ready`` message reports.
+        hold: stop each job after its first progress message (see :meth:`finish`).
+        threshold: intensity above which "segment" labels a voxel 1.
+        error: if set, every job ends with this ``(kind, message)`` error.
+        pid: the pretend process id.
+    """
+
+    def __init__(
+        self,
+        devices: tuple[str, ...] = ("cpu",),
+        hold: bool = False,
+        threshold: float = 150.0,
+        error: Optional[tuple[str, str]] = None,
+        pid: int = 4242,
+    ) -> None:
+        self.stdin = _Writer(self._on_line)
+        self.stdout = _Lines()
+        self.stderr = _Lines()
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self.hold = hold
+        self.threshold = threshold
+        self.error = error
+        self.received: list[dict[str, Any]] = []
+        self.held: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.emit({"type": "ready", "protocol": 1, "version": "fake", "pid": pid, "devices": list(devices)})
+
+    # -- process API ----------------------------------------------------------------------
+    def poll(self) -> Optional[int]:
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            self.die(0)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            self.die(-9)
+
+    # -- behaviour ------------------------------------------------------------------------
+    def emit(self, message: dict[str, Any]) -> None:
+        if self.returncode is None:
+            self.stdout.put(json.dumps(message) + "\n")
+
+    def die(self, returncode: int, stderr: str = "") -> None:
+        """End the pretend process with ``returncode`` (after writing ``stderr``)."""
+        with self._lock:
+            if stderr:
+                self.stderr.put(stderr + "\n")
+            self.returncode = returncode
+            self.stdin.closed = True
+            self.stdout.close()
+            self.stderr.close()
+
+    def _on_line(self, line: str) -> None:
+        message = json.loads(line)
+        self.received.append(message)
+        kind = message.get("type")
+        if kind == "ping":
+            self.emit({"type": "pong", "id": message.get("id"), "busy": bool(self.held), "job": None})
+        elif kind == "shutdown":
+            self.emit({"type": "bye"})
+            self.die(0)
+        elif kind == "cancel":
+            if self.held.pop(message.get("job"), None) is not None:
+                self.emit({"type": "cancelled", "job": message["job"]})
+        elif kind == "start":
+            job = message["job"]
+            self.emit({"type": "started", "job": job, "kind": message.get("kind")})
+            self.emit({"type": "progress", "job": job, "done": 1, "total": 4, "stage": "segmenting", "unit": "windows"})
+            if self.hold:
+                self.held[job] = message
+            else:
+                self.finish(job, message)
+
+    def finish(self, job: Optional[str] = None, message: Optional[dict[str, Any]] = None) -> None:
+        """Complete a (held) job: write its labels and send ``result`` (or the configured error)."""
+        if message is None:
+            job = job or next(iter(self.held))
+            message = self.held.pop(job)
+        job = message["job"]
+        if self.error is not None:
+            self.emit({"type": "error", "job": job, "kind": self.error[0], "message": self.error[1]})
+            return
+        import numpy as np
+
+        from MedSegSuiteLib.io import read_image, write_image
+
+        params = message["params"]
+        image = read_image(params["input"])
+        channels = image.channel_first()
+        labels = (channels.mean(axis=0) > self.threshold).astype(np.uint8)
+        roi = params.get("roi")
+        if roi:
+            keep = np.zeros_like(labels)
+            keep[roi[2] : roi[5], roi[1] : roi[4], roi[0] : roi[3]] = 1
+            labels *= keep
+        write_image(image.with_array(labels), params["output"], overwrite=True, compress=False)
+        self.emit({"type": "progress", "job": job, "done": 4, "total": 4, "stage": "segmenting", "unit": "windows"})
+        present = [1] if labels.any() else []
+        self.emit(
+            {
+                "type": "result",
+                "job": job,
+                "outputs": {"labels": params["output"]},
+                "info": {"model": "fake", "device": "cpu", "cache_hit": False, "labels_present": present},
+            }
+        )
+
+
+class FakeWorkerFactory:
+    """A process factory that makes :class:`FakeWorkerProcess` objects and remembers them."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.processes: list[FakeWorkerProcess] = []
+        self.commands: list[list[str]] = []
+
+    def __call__(self, argv: list, env: dict, cwd: str) -> FakeWorkerProcess:
+        self.commands.append(list(argv))
+        process = FakeWorkerProcess(pid=4242 + len(self.processes), **self.options)
+        self.processes.append(process)
+        return process
+
+    @property
+    def last(self) -> FakeWorkerProcess:
+        return self.processes[-1]

@@ -1,0 +1,34 @@
+"""The module's own self-test (MedSegSuiteTest in MedSegSuite.py), run through the Slicer harness.
+
+The same test class runs unchanged inside 3D Slicer (``Slicer --testing``); here it
+drives the real panel (PySide6, offscreen) on the real MRML library, with the small
+trained 3D U-Net of the ``unet3d_dir`` fixture imported into an isolated
+MEDSEGSUITE_HOME and a real worker process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import slicer_harness
+
+
+@pytest.fixture
+def installed_model(home, unet3d_dir, monkeypatch):
+    from MedSegSuiteLib.models import ModelRegistry
+
+    monkeypatch.setenv("MEDSEGSUITE_THREADS", os.environ.get("MEDSEGSUITE_TEST_THREADS", "2"))
+    return ModelRegistry().import_model(unet3d_dir)
+
+
+def test_module_self_test_segments_cancels_recovers_and_restores_the_scene(installed_model, monkeypatch):
+    monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_MODEL", "1")
+    slicer_harness.install()
+    module = slicer_harness.load_module()
+    try:
+        test = module.python_module.MedSegSuiteTest()
+        test.runTest()
+        assert test.entry.card.id == installed_model.card.id
+    finally:
+        slicer_harness.unload_modules()
