@@ -275,6 +275,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- finetune --------------------------------------------------------------------------------
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .training.finetune import FinetuneOptions, finetune_model
+
+    options = FinetuneOptions(
+        parent=args.model,
+        labelled=args.labelled,
+        unlabelled=args.unlabelled,
+        output=Path(args.output) if args.output else None,
+        model_id=args.id,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        held_out=args.held_out,
+        resample=args.resample,
+        h5_spacing=_numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0),
+    )
+    bar = ProgressBar(enabled=not args.quiet)
+    try:
+        entry = finetune_model(options, progress=bar, resume=args.resume)
+    finally:
+        bar.close()
+    metrics = {m["name"]: m["value"] for m in entry.card.metrics}
+    print(
+        f"registered {entry.card.id} (parent {entry.card.parent}) in {entry.directory}: Dice "
+        f"{metrics.get('dice_before_finetuning')} -> {metrics.get('dice')} on {entry.card.metrics[0]['split']}"
+    )
+    return 0
+
+
 # -- evaluate --------------------------------------------------------------------------------
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -440,6 +474,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     train.add_argument("-q", "--quiet", action="store_true")
     train.set_defaults(func=_cmd_train)
+
+    ft = commands.add_parser("finetune", help="semi-supervised finetuning of a model on your labelled cases")
+    ft.add_argument("-m", "--model", required=True, help="the parent model (id or folder); it is never changed")
+    ft.add_argument(
+        "--labelled", required=True, help="images/ + labels/ folder, .h5 folder, or list file (image,label)"
+    )
+    ft.add_argument("--unlabelled", help="folder of images or list file (image per line)")
+    ft.add_argument("--iterations", type=int, default=200)
+    ft.add_argument("--batch-size", type=int)
+    ft.add_argument("--lr", type=float, help="learning rate (default: a tenth of the recipe's)")
+    ft.add_argument("--held-out", type=int, help="labelled cases kept for before/after Dice (default 20%%, >= 1)")
+    ft.add_argument("--resample", action="store_true", help="resample labels on another grid of the same region")
+    ft.add_argument("-o", "--output", help="model folder (default: the user model folder); registered either way")
+    ft.add_argument("--id", help="new model id (default <parent>-ft-<n>)")
+    ft.add_argument("--resume", action="store_true", help="continue the newest unfinished finetuning of this parent")
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
+    ft.add_argument("-q", "--quiet", action="store_true")
+    ft.set_defaults(func=_cmd_finetune)
 
     ev = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions, or of a model on labelled cases")
     ev.add_argument("folders", nargs="*", metavar="PRED_DIR GT_DIR", help="predicted and reference label maps")

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..geometry import resample, resampled_grid, to_canonical
 from ..preprocessing import match_channels, normalize
-from ..progress import ProgressCallback, check_cancelled, report
+from ..progress import check_cancelled
 from ..volume import Volume
-from .datasets import Case, load_case
 
-__all__ = ["Augment", "PatchStore", "SliceStore", "class_index_map"]
+# (case id, image, label map or None)
+Item = tuple[str, Volume, Optional[Volume]]
+
+__all__ = ["Augment", "Item", "PatchStore", "SliceStore", "class_index_map"]
 
 log = logging.getLogger(__name__)
 _PER_PIXEL = ("none", "scale", "imagenet", "window")
@@ -93,43 +95,37 @@ def _prepare(
     return np.ascontiguousarray(data), (np.ascontiguousarray(labels) if labels is not None else None)
 
 
-def _load_all(cases: Sequence[Case], prepare, progress: Optional[ProgressCallback], cancel, h5_spacing):  # noqa: ANN001
+def _prepared(items: Sequence[Item], prepare, cancel) -> list:  # noqa: ANN001
     out = []
-    for index, case in enumerate(cases):
+    for case_id, image, label in items:
         check_cancelled(cancel)
-        report(progress, index, len(cases), "loading data")
-        image, label = load_case(case, h5_spacing)
-        out.append((case, *prepare(image, label)))
-    report(progress, len(cases), len(cases), "loading data")
+        out.append((case_id, *prepare(image, label)))
     return out
 
 
 class SliceStore:
     """2D training slices resized to ``size`` (x, y): images float16 ``[N, C, h, w]``, classes uint8 ``[N, h, w]``.
 
-    ``cases`` may be 2D images or 3D volumes (their axial slices). Label values are
-    mapped to class indices by ``values`` (or, if None, by :meth:`remap` once the
-    label table is known). Unlabelled cases get class 255 ("unknown") everywhere.
+    ``items`` are (case id, image, label or None): 2D images or 3D volumes (their axial
+    slices). Label values are mapped to class indices by ``values`` (or, if None, by
+    :meth:`remap` once the label table is known). Unlabelled cases get class 255
+    ("unknown") everywhere.
     """
 
     def __init__(
         self,
-        cases: Sequence[Case],
+        items: Sequence[Item],
         values: Optional[Sequence[int]],
         channels: int,
         normalization: Mapping[str, Any],
         size: Sequence[int],
-        progress: Optional[ProgressCallback] = None,
-        cancel=None,
-        h5_spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    ) -> None:  # noqa: ANN001
+        cancel=None,  # noqa: ANN001
+    ) -> None:
         self.normalization = dict(normalization)
         self.size = (int(size[1]), int(size[0]))  # (h, w)
         images, raw, case_index = [], [], []
-        loaded = _load_all(
-            cases, lambda i, lb: _prepare(i, lb, channels, normalization, None), progress, cancel, h5_spacing
-        )
-        for number, (_case, data, label) in enumerate(loaded):
+        loaded = _prepared(items, lambda i, lb: _prepare(i, lb, channels, normalization, None), cancel)
+        for number, (_case_id, data, label) in enumerate(loaded):
             tensor = torch.from_numpy(data).permute(1, 0, 2, 3)  # [z, C, y, x]
             images.append(F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False).half())
             if label is None:
@@ -143,7 +139,7 @@ class SliceStore:
         self.images = torch.cat(images)
         self._raw = raw
         self.case_index = torch.tensor(case_index)
-        self.cases = list(cases)
+        self.ids = [case_id for case_id, _, _ in items]
         self.values = sorted({int(v) for r in raw if r is not None for v in np.unique(r) if v != 0})
         self.rgb8 = (
             channels == 3
@@ -155,13 +151,13 @@ class SliceStore:
     def remap(self, values: Sequence[int]) -> None:
         """Turn the stored label values into class indices by the label table ``values``."""
         classes = []
-        for case, raw, count in zip(
-            self.cases, self._raw, np.bincount(self.case_index.numpy(), minlength=len(self.cases))
+        for case_id, raw, count in zip(
+            self.ids, self._raw, np.bincount(self.case_index.numpy(), minlength=len(self.ids))
         ):
             if raw is None:
                 classes.append(torch.full((int(count), *self.size), 255, dtype=torch.uint8))
             else:
-                classes.append(torch.from_numpy(class_index_map(raw, values, case.id)))
+                classes.append(torch.from_numpy(class_index_map(raw, values, case_id)))
         self.classes = torch.cat(classes)
         foreground = ((self.classes > 0) & (self.classes < 255)).flatten(1).any(1)
         self.foreground_slices = torch.nonzero(foreground).flatten()
@@ -245,28 +241,25 @@ def augment_2d(
 class PatchStore:
     """3D training volumes in memory (canonical, normalised, at the card's spacing) sampled as patches.
 
-    Label values become class indices by ``values`` (or later by :meth:`remap`).
+    ``items`` are (case id, image, label or None). Label values become class indices
+    by ``values`` (or later by :meth:`remap`).
     """
 
     def __init__(
         self,
-        cases: Sequence[Case],
+        items: Sequence[Item],
         values: Optional[Sequence[int]],
         channels: int,
         normalization: Mapping[str, Any],
         spacing: Optional[Sequence[float]] = None,
-        progress: Optional[ProgressCallback] = None,
         cancel=None,  # noqa: ANN001
-        h5_spacing: Sequence[float] = (1.0, 1.0, 1.0),
     ) -> None:
         self.normalization = dict(normalization)
         self.volumes: list[np.ndarray] = []
         self._raw: list[Optional[np.ndarray]] = []
-        self.cases = list(cases)
-        loaded = _load_all(
-            cases, lambda i, lb: _prepare(i, lb, channels, normalization, spacing), progress, cancel, h5_spacing
-        )
-        for _case, data, label in loaded:
+        self.ids = [case_id for case_id, _, _ in items]
+        loaded = _prepared(items, lambda i, lb: _prepare(i, lb, channels, normalization, spacing), cancel)
+        for _case_id, data, label in loaded:
             if self.normalization["kind"] in _PER_PIXEL:
                 data = normalize(data, self.normalization)
             self.volumes.append(data)
@@ -278,8 +271,8 @@ class PatchStore:
         """Turn the stored label values into class indices by the label table ``values``."""
         self.classes: list[Optional[np.ndarray]] = []
         self.foreground: list[np.ndarray] = []
-        for case, raw in zip(self.cases, self._raw):
-            mapped = class_index_map(raw, values, case.id) if raw is not None else None
+        for case_id, raw in zip(self.ids, self._raw):
+            mapped = class_index_map(raw, values, case_id) if raw is not None else None
             self.classes.append(mapped)
             self.foreground.append(
                 np.argwhere(mapped > 0).astype(np.int32) if mapped is not None else np.zeros((0, 3), np.int32)

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..io import IMAGE_SUFFIXES, compound_suffix, read_image
 from ..volume import Volume
 
-__all__ = ["Case", "discover_cases", "label_values", "load_case", "split_cases"]
+__all__ = ["Case", "discover_cases", "label_values", "load_case", "load_cases", "split_cases"]
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -197,6 +197,24 @@ def load_case(case: Case, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[V
             f"(image {image.grid.describe()}; label {label.grid.describe()}); resample the label onto the image"
         )
     return image, Volume.on_grid(label.array, image.grid)
+
+
+def load_cases(
+    cases: Sequence[Case],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    progress=None,  # noqa: ANN001
+    cancel=None,
+) -> list[tuple[str, Volume, Optional[Volume]]]:  # noqa: ANN001
+    """(id, image, label or None) for every case, reporting ``(done, total, "loading data")``."""
+    from ..progress import check_cancelled, report
+
+    items = []
+    for index, case in enumerate(cases):
+        check_cancelled(cancel)
+        report(progress, index, len(cases), "loading data")
+        items.append((case.id, *load_case(case, spacing)))
+    report(progress, len(cases), len(cases), "loading data")
+    return items
 
 
 def label_values(labels: Sequence[Volume]) -> list[int]:

@@ -16,7 +16,7 @@ from ..inference.device import resolve_device
 from ..models import ModelEntry
 from ..progress import ProgressCallback
 from .data import PatchStore, SliceStore
-from .datasets import discover_cases, label_values, load_case, split_cases
+from .datasets import discover_cases, label_values, load_case, load_cases, split_cases
 from .recipes import recipe_module
 from .recipes.base import TrainingData
 from .trainer import Trainer, TrainingSettings
@@ -137,32 +137,20 @@ def train_model(
         raise InputError(f"{options.network} trains in {supported[0]}D only")
     defaults = module.card_defaults(dims)
     channels = int(defaults.get("channels", first.channels))
-    validation = []
-    for case in val_cases:
-        image, label = load_case(case, options.h5_spacing)
-        validation.append((case.id, image, label))
+    validation = load_cases(val_cases, options.h5_spacing)
     run = dict(defaults["defaults"])
     for key in ("iterations", "batch_size", "lr"):
         if getattr(options, key) is not None:
             run[key] = getattr(options, key)
     run.update(options.recipe)
     device = resolve_device(options.device)
+    items = load_cases(train_cases, options.h5_spacing, progress, cancel)
+    normalization = defaults["input"]["normalization"]
     if dims == 2:
         size = options.size_xy or defaults["input"]["size_xy"]
-        store = SliceStore(
-            train_cases, None, channels, defaults["input"]["normalization"], size, progress, cancel, options.h5_spacing
-        )
+        store = SliceStore(items, None, channels, normalization, size, cancel)
     else:
-        store = PatchStore(
-            train_cases,
-            None,
-            channels,
-            defaults["input"]["normalization"],
-            options.spacing,
-            progress,
-            cancel,
-            options.h5_spacing,
-        )
+        store = PatchStore(items, None, channels, normalization, options.spacing, cancel)
     labels = _labels(options, sorted(set(label_values([label for _, _, label in validation])) | set(store.values)))
     store.remap([int(label["value"]) for label in labels])
     config = {**module.network_config(dims, channels, len(labels)), **options.config}

@@ -207,7 +207,7 @@ class Trainer:
         for value, label_metrics in best["per_label"].items():
             metrics.append({"name": f"dice_label_{value}", "value": round(label_metrics["dice"], 4), "split": split})
         card = dict(self.card)
-        card["metrics"] = metrics
+        card["metrics"] = list(card.get("metrics", [])) + metrics
         card["training"] = {
             **card.get("training", {}),
             "recipe": {

@@ -9,7 +9,12 @@ Each recipe module provides:
   batch size, iterations, learning rate, augmentation and recipe options;
 - ``inference(dims, num_labels) -> dict``: the card's ``inference`` section;
 - ``DIMS`` (optional): the dimensionalities the network trains in, default (2, 3);
-- ``make(network, options) -> Recipe``: the recipe for a built network.
+- ``make(network, options) -> Recipe``: the recipe for a built network;
+- ``supervised_loss(network, images, classes) -> (loss, parts)`` (optional): the loss
+  the mean-teacher finetuning recipe uses on labelled batches; without it the network
+  is finetuned with Dice + cross-entropy on its main logits.
+- ``make_finetune(network, options) -> Recipe`` (optional): the network's own
+  semi-supervised finetuning recipe (CANet's), used instead of the mean teacher.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from ..data import Augment
 from ..losses.common import dice_ce_loss
 from .base import Recipe, SupervisedRecipe
 
-__all__ = ["card_defaults", "inference", "make", "network_config"]
+__all__ = ["card_defaults", "inference", "make", "network_config", "supervised_loss"]
 
 
 def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
@@ -40,7 +40,8 @@ def inference(dims: int, num_labels: int) -> dict[str, Any]:
     return {"activation": "softmax", "overlap": 0.5, "batch_size": 2, "fast": {"overlap": 0.25}}
 
 
-def _loss(network: nn.Module, images, classes):  # noqa: ANN001
+def supervised_loss(network: nn.Module, images, classes):  # noqa: ANN001
+    """Dice + cross-entropy of the network's logits against class maps."""
     loss = dice_ce_loss(network(images), classes)
     return loss, {}
 
@@ -48,7 +49,7 @@ def _loss(network: nn.Module, images, classes):  # noqa: ANN001
 def make(network: nn.Module, options: dict[str, Any]) -> Recipe:
     return SupervisedRecipe(
         network,
-        _loss,
+        supervised_loss,
         options["iterations"],
         optimizer="adam",
         lr=options["lr"],

@@ -1,0 +1,163 @@
+"""Semi-supervised finetuning: a wrong parent gets better, unlabelled data is used, nothing is overwritten."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import sphere_volume
+
+from MedSegSuiteLib.cli import main
+from MedSegSuiteLib.errors import Cancelled, InputError
+from MedSegSuiteLib.io import write_image
+from MedSegSuiteLib.models import ModelRegistry, load_card
+from MedSegSuiteLib.models.weights import sha256_file
+from MedSegSuiteLib.training.data import Augment, PatchStore
+from MedSegSuiteLib.training.finetune import FinetuneOptions, finetune_model
+from MedSegSuiteLib.training.recipes.base import TrainingData
+from MedSegSuiteLib.training.recipes.mean_teacher import MeanTeacherRecipe
+from MedSegSuiteLib.volume import Volume
+
+
+def _dark_ball(seed: int):
+    """A faint ball (the structure to find) beside a bright one (not labelled): the parent marks the wrong one."""
+    rng = np.random.default_rng(seed)
+    faint_centre = (rng.uniform(10, 24), rng.uniform(10, 16), rng.uniform(12, 24))
+    bright_centre = (rng.uniform(10, 24), rng.uniform(26, 30), rng.uniform(12, 24))
+    faint, mask = sphere_volume((34, 40, 36), faint_centre, 5.5, seed=seed)
+    bright, _ = sphere_volume((34, 40, 36), bright_centre, 5.5, seed=seed + 1000)
+    image = 100.0 + (faint - 100.0) * 0.5 + (bright - 100.0) * 0.5 + 40.0 * (bright > 150)
+    return image.astype(np.float32), mask
+
+
+@pytest.fixture(scope="module")
+def dark_balls(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dark")
+    for sub in ("labelled/images", "labelled/labels", "unlabelled"):
+        (root / sub).mkdir(parents=True)
+    for i in range(5):
+        image, mask = _dark_ball(i)
+        write_image(Volume(image), root / "labelled" / "images" / f"l{i}.nii.gz")
+        write_image(Volume(mask), root / "labelled" / "labels" / f"l{i}.nii.gz")
+    for i in range(4):
+        write_image(Volume(_dark_ball(100 + i)[0]), root / "unlabelled" / f"u{i}.nii.gz")
+    return root
+
+
+def test_finetuning_fixes_a_wrong_parent_and_registers_a_new_model(home, unet3d_dir, dark_balls):
+    registry = ModelRegistry()
+    registry.import_model(unet3d_dir)
+    parent_sha = sha256_file(registry.get("test-unet3d").weights_path)
+    logs = []
+    entry = finetune_model(
+        FinetuneOptions(
+            parent="test-unet3d",
+            labelled=dark_balls / "labelled",
+            unlabelled=dark_balls / "unlabelled",
+            iterations=60,
+            batch_size=2,
+            lr=3e-3,
+            device="cpu",
+            held_out=1,
+        ),
+        on_log=logs.append,
+    )
+    assert entry.card.id == "test-unet3d-ft-1" and entry.card.parent == "test-unet3d" and entry.source == "user"
+    metrics = {m["name"]: m["value"] for m in entry.card.metrics}
+    assert metrics["dice_before_finetuning"] < 0.6, "the parent should be clearly wrong (it marks both balls)"
+    assert metrics["dice"] > metrics["dice_before_finetuning"] + 0.2, metrics
+    finetune = entry.card.training["finetune"]
+    assert finetune["labelled"] == 5 and finetune["unlabelled"] == 4 and len(finetune["held_out"]) == 1
+    assert "held-out: 1 of the 5 labelled cases" in entry.card.metrics[0]["split"]
+    assert any(log.get("consistency", 0) > 0 for log in logs), "the unlabelled term must be non-zero"
+    assert sha256_file(registry.get("test-unet3d").weights_path) == parent_sha, "the parent must not change"
+    assert [e.card.id for e in registry.entries()] == ["test-unet3d", "test-unet3d-ft-1"]
+    assert (entry.directory / "training_log.json").is_file()
+
+
+def test_unlabelled_consistency_alone_changes_the_weights(unet3d_dir, dark_balls):
+    from MedSegSuiteLib.models import load_model
+    from MedSegSuiteLib.training.datasets import discover_cases, load_case
+
+    model = load_model(unet3d_dir)
+    items = [(c.id, *load_case(c)) for c in discover_cases(dark_balls / "labelled")][:2]
+    unlabelled = [(c.id, load_case(c)[0], None) for c in discover_cases(dark_balls / "unlabelled", False)]
+    norm = model.card.input.normalization
+    data = TrainingData(
+        PatchStore(items, [1], 1, norm),
+        1,
+        Augment(),
+        unlabelled=PatchStore(unlabelled, [1], 1, norm),
+        patch_zyx=(16, 32, 32),
+    )
+
+    def no_supervision(network, images, classes):
+        return network(images).sum() * 0.0, {}
+
+    recipe = MeanTeacherRecipe(model.network, 10, no_supervision, lr=1e-2, rampup=0.0, noise=0.3)
+    before = {k: v.clone() for k, v in recipe.student.state_dict().items()}
+    parts = recipe.step(data, torch.Generator().manual_seed(0), 0)
+    assert parts["consistency"] > 0 and parts["consistency_weight"] == 1.0
+    changed = [
+        k for k, v in recipe.student.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
+    assert changed, "the consistency term alone must move the student's weights"
+
+
+def test_labels_the_parent_does_not_know_are_refused_before_training(home, unet3d_dir, dark_balls, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image, mask = _dark_ball(7)
+    write_image(Volume(image), tmp_path / "images" / "a.nii.gz")
+    write_image(Volume(mask * 3), tmp_path / "labels" / "a.nii.gz")
+    with pytest.raises(InputError, match="'Segment_3' match no label of the model"):
+        finetune_model(FinetuneOptions(parent=str(unet3d_dir), labelled=tmp_path, iterations=2, device="cpu"))
+    shifted = Volume(mask, (1, 1, 1), (5, 0, 0))
+    write_image(shifted, tmp_path / "labels" / "a.nii.gz", overwrite=True)
+    with pytest.raises(InputError, match="geometry differs|grid"):
+        finetune_model(FinetuneOptions(parent=str(unet3d_dir), labelled=tmp_path, iterations=2, device="cpu"))
+    assert not any((home / "models").glob("*")) if (home / "models").exists() else True
+
+
+def test_cancel_keeps_a_checkpoint_and_cli_resume_finishes(home, unet3d_dir, dark_balls, capsys):
+    ModelRegistry().import_model(unet3d_dir)
+    cancel = threading.Event()
+
+    def progress(done, total, stage):
+        if stage == "training" and done >= 5:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        finetune_model(
+            FinetuneOptions(
+                parent="test-unet3d", labelled=dark_balls / "labelled", iterations=20, batch_size=1, device="cpu"
+            ),
+            progress=progress,
+            cancel=cancel,
+        )
+    assert (home / "models" / "test-unet3d-ft-1.training" / "checkpoint.pt").is_file()
+    code = main(
+        [
+            "finetune",
+            "-m",
+            "test-unet3d",
+            "--labelled",
+            str(dark_balls / "labelled"),
+            "--iterations",
+            "20",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+            "--resume",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "registered test-unet3d-ft-1 (parent test-unet3d)" in out
+    card = load_card(home / "models" / "test-unet3d-ft-1" / "card.json")
+    assert json.loads((home / "models" / "test-unet3d-ft-1" / "training_log.json").read_text())
+    assert card.parent == "test-unet3d" and not (home / "models" / "test-unet3d-ft-1.training").exists()
