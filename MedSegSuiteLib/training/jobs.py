@@ -158,7 +158,7 @@ def train_model(
     card["training"]["cases"] = {"train": len(train_cases), "validation": len(val_cases)}
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)
-    recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels})
+    recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
     patch = card["input"].get("patch_xyz")
     data = TrainingData(
         store,

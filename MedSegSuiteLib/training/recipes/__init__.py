@@ -27,6 +27,8 @@ __all__ = ["recipe_module", "trainable_networks"]
 _RECIPES = {
     "unet": "MedSegSuiteLib.training.recipes.unet",
     "hidiff": "MedSegSuiteLib.training.recipes.hidiff",
+    "condseg": "MedSegSuiteLib.training.recipes.condseg",
+    "banet": "MedSegSuiteLib.training.recipes.banet",
 }
 
 
