@@ -264,6 +264,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_licence=args.data_licence,
         config=_config(args.config),
         validate_every=args.validate_every,
+        labelled_cases=args.labelled_cases,
+        recipe=_config(args.recipe),
     )
     bar = ProgressBar(enabled=not args.quiet)
     try:
@@ -470,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto")
     train.add_argument("--data-licence", default="unspecified", help="the training data's licence, for the card")
     train.add_argument("--config", nargs="*", default=[], help="network constructor overrides key=value")
+    train.add_argument(
+        "--labelled-cases", type=int, help="use labels of only this many training cases (semi-supervised)"
+    )
+    train.add_argument("--recipe", nargs="*", default=[], help="recipe options key=value (e.g. stage1_fraction=0.2)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     train.add_argument("-q", "--quiet", action="store_true")

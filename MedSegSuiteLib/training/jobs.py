@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .. import networks
@@ -69,6 +70,7 @@ class TrainOptions:
     recipe: dict[str, Any] = field(default_factory=dict)
     validate_every: int = 0
     max_val_cases: int = 200
+    labelled_cases: Optional[int] = None  # keep labels for only this many training cases; the rest are unlabelled
 
 
 def build_card(
@@ -145,17 +147,33 @@ def train_model(
     run.update(options.recipe)
     device = resolve_device(options.device)
     items = load_cases(train_cases, options.h5_spacing, progress, cancel)
+    unlabelled_items: list = []
+    if options.labelled_cases is not None:
+        if not 1 <= options.labelled_cases <= len(items):
+            raise InputError(f"--labelled-cases must be between 1 and {len(items)} (the training cases)")
+        order = np.random.default_rng(options.seed + 1).permutation(len(items))
+        keep = {int(i) for i in order[: options.labelled_cases]}
+        unlabelled_items = [(cid, image, None) for i, (cid, image, _) in enumerate(items) if i not in keep]
+        items = [item for i, item in enumerate(items) if i in keep]
     normalization = defaults["input"]["normalization"]
     if dims == 2:
         size = options.size_xy or defaults["input"]["size_xy"]
         store = SliceStore(items, None, channels, normalization, size, cancel)
+        extra = SliceStore(unlabelled_items, [], channels, normalization, size, cancel) if unlabelled_items else None
     else:
         store = PatchStore(items, None, channels, normalization, options.spacing, cancel)
+        extra = (
+            PatchStore(unlabelled_items, [], channels, normalization, options.spacing, cancel)
+            if unlabelled_items
+            else None
+        )
     labels = _labels(options, sorted(set(label_values([label for _, _, label in validation])) | set(store.values)))
     store.remap([int(label["value"]) for label in labels])
-    config = {**module.network_config(dims, channels, len(labels)), **options.config}
+    patch_xyz = (options.patch_xyz or defaults["input"].get("patch_xyz")) if dims == 3 else None
+    patch_zyx = tuple(reversed(patch_xyz)) if patch_xyz else None
+    config = {**module.network_config(dims, channels, len(labels), patch_zyx=patch_zyx), **options.config}
     card = build_card(options, dims, channels, labels, defaults, module.inference(dims, len(labels)), config)
-    card["training"]["cases"] = {"train": len(train_cases), "validation": len(val_cases)}
+    card["training"]["cases"] = {"train": len(items), "unlabelled": len(unlabelled_items), "validation": len(val_cases)}
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
@@ -164,6 +182,7 @@ def train_model(
         store,
         int(run["batch_size"]),
         run["augment"],
+        unlabelled=extra,
         patch_zyx=tuple(reversed(patch)) if patch else None,
         foreground=float(run.get("foreground", 0.5)),
     )

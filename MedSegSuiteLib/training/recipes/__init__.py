@@ -2,8 +2,8 @@
 
 Each recipe module provides:
 
-- ``network_config(dims, channels, num_labels) -> dict``: constructor overrides for
-  the given image channels and number of labels;
+- ``network_config(dims, channels, num_labels, patch_zyx=None) -> dict``: constructor
+  overrides for the given image channels, number of labels and (3D) window size;
 - ``card_defaults(dims) -> dict``: the card's ``input`` section (without ``channels``;
   a ``channels`` key beside it forces the image channels) and ``defaults`` for the run:
   batch size, iterations, learning rate, augmentation and recipe options;
@@ -29,6 +29,8 @@ _RECIPES = {
     "hidiff": "MedSegSuiteLib.training.recipes.hidiff",
     "condseg": "MedSegSuiteLib.training.recipes.condseg",
     "banet": "MedSegSuiteLib.training.recipes.banet",
+    "dnet": "MedSegSuiteLib.training.recipes.dnet",
+    "canet": "MedSegSuiteLib.training.recipes.canet",
 }
 
 

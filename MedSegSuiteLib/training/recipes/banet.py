@@ -22,7 +22,7 @@ __all__ = ["DIMS", "card_defaults", "inference", "make", "network_config", "supe
 DIMS = (2,)
 
 
-def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
+def network_config(dims: int, channels: int, num_labels: int, patch_zyx: Any = None) -> dict[str, Any]:
     return {"in_channels": channels, "num_classes": num_labels + 1}
 
 

@@ -31,7 +31,7 @@ __all__ = ["DIMS", "ConDSegRecipe", "card_defaults", "inference", "make", "netwo
 DIMS = (2,)
 
 
-def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
+def network_config(dims: int, channels: int, num_labels: int, patch_zyx: Any = None) -> dict[str, Any]:
     return {"in_channels": channels, "out_channels": num_labels}
 
 

@@ -27,7 +27,7 @@ __all__ = ["DIMS", "HiDiffRecipe", "card_defaults", "inference", "make", "networ
 DIMS = (2,)
 
 
-def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
+def network_config(dims: int, channels: int, num_labels: int, patch_zyx: Any = None) -> dict[str, Any]:
     return {"in_channels": channels, "num_classes": 1 if num_labels == 1 else num_labels + 1}
 
 

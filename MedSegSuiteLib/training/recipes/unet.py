@@ -13,7 +13,7 @@ from .base import Recipe, SupervisedRecipe
 __all__ = ["card_defaults", "inference", "make", "network_config", "supervised_loss"]
 
 
-def network_config(dims: int, channels: int, num_labels: int) -> dict[str, Any]:
+def network_config(dims: int, channels: int, num_labels: int, patch_zyx: Any = None) -> dict[str, Any]:
     return {"spatial_dims": dims, "in_channels": channels, "out_channels": num_labels + 1}
 
 

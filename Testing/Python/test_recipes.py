@@ -1,0 +1,100 @@
+"""Every network trains end to end through `medsegsuite train` and the model it writes segments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import disc_image, sphere_volume
+from PIL import Image
+
+from MedSegSuiteLib.cli import main
+from MedSegSuiteLib.inference import Predictor
+from MedSegSuiteLib.io import write_image
+from MedSegSuiteLib.models import load_model
+from MedSegSuiteLib.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def discs64(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("discs64")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        image, mask = disc_image(64, tuple(rng.uniform(18, 46, 2)), rng.uniform(7, 13), seed=200 + i)
+        Image.fromarray(np.moveaxis(image[:, 0], 0, -1)).save(root / "images" / f"d{i:02d}.png")
+        Image.fromarray(mask[0] * 255).save(root / "masks" / f"d{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def balls32(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("balls32")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(10):
+        image, mask = sphere_volume((32, 40, 40), tuple(rng.uniform(10, 26, 3)), rng.uniform(4, 7), seed=300 + i)
+        write_image(Volume(image), root / "images" / f"b{i}.nii.gz")
+        write_image(Volume(mask), root / "labels" / f"b{i}.nii.gz")
+    return root
+
+
+CASES = [
+    (
+        "condseg",
+        "discs64",
+        ["--size", "64,64", "--iterations", "80", "--batch-size", "4", "--recipe", "stage1_fraction=0.2"],
+        "sigmoid",
+    ),
+    ("banet", "discs64", ["--size", "64,64", "--iterations", "40", "--batch-size", "4"], "softmax"),
+    ("dnet", "balls32", ["--patch", "32,32,32", "--iterations", "40", "--batch-size", "2"], "softmax"),
+    (
+        "canet",
+        "balls32",
+        ["--patch", "32,32,32", "--iterations", "60", "--batch-size", "2", "--labelled-cases", "4"],
+        "relu",
+    ),
+]
+
+
+@pytest.mark.parametrize(("network", "data", "args", "activation"), CASES, ids=[c[0] for c in CASES])
+def test_network_trains_through_the_cli_and_its_model_segments(
+    network, data, args, activation, request, tmp_path, capsys
+):
+    root = request.getfixturevalue(data)
+    output = tmp_path / f"{network}-model"
+    code = main(
+        [
+            "train",
+            "--network",
+            network,
+            "--data",
+            str(root),
+            "-o",
+            str(output),
+            "--device",
+            "cpu",
+            "--labels",
+            "1:Object",
+            "--validate-every",
+            str(int(args[args.index("--iterations") + 1]) // 2),
+            "--data-licence",
+            "CC0-1.0 (synthetic)",
+            *args,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    log = json.loads((output / "training_log.json").read_text())
+    validations = [entry["val_dice"] for entry in log if "val_dice" in entry]
+    assert validations[-1] > max(0.5, validations[0] + 0.2) or max(validations) > 0.7, validations
+    model = load_model(output)
+    assert model.card.inference.activation == activation and model.card.network == network
+    case = next((root / "images").iterdir())
+    from MedSegSuiteLib.io import read_image
+
+    labels = Predictor(model, device="cpu", fast=True).predict(read_image(case)).labels
+    assert labels.array.any()
