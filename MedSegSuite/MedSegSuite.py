@@ -74,11 +74,13 @@ class MedSegSuiteWidget(ScriptedLoadableModuleWidget):
 
 
 class MedSegSuiteTest(ScriptedLoadableModuleTest):
-    """Drives the panel like a user: segment, cancel, survive a worker crash, reload the scene.
+    """Drives the panel like a user: segment, cancel, survive a worker crash, reload the scene,
+    refine while keeping edits, undo, and export.
 
-    Needs a 3D model: a bundled one if installed, else an imported one. Without any,
-    the segmentation steps are skipped with a message (set
-    MEDSEGSUITE_SELFTEST_REQUIRE_MODEL=1 to make that a failure).
+    The segmentation steps need a 3D model (bundled, else imported) and the refinement
+    steps a HiDiff model; without one, those steps are skipped with a message (set
+    MEDSEGSUITE_SELFTEST_REQUIRE_MODEL=1 / MEDSEGSUITE_SELFTEST_REQUIRE_REFINER=1 to make
+    that a failure). Exporting needs no model.
     """
 
     def setUp(self):
@@ -101,13 +103,15 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
                 self.fail("no 3D model is installed")
             self.delayDisplay("No 3D model installed: skipping the segmentation steps (import one first).")
             self._checkSceneReload(volume, None)
-            return
-        self.widget.ui.modelSelector.setCurrentIndex(self.widget.ui.modelSelector.findData(self.entry.card.id))
-        segmentation = self._segment(volume, mask)
-        big, _ = testing.add_ball_volume("Big ball", shape=(48, 96, 96), seed=1, study=None)
-        self._cancelMidway(big, segmentation)
-        self._killWorkerMidway(big, segmentation)
-        self._checkSceneReload(volume, segmentation)
+        else:
+            self.widget.ui.modelSelector.setCurrentIndex(self.widget.ui.modelSelector.findData(self.entry.card.id))
+            segmentation = self._segment(volume, mask)
+            big, _ = testing.add_ball_volume("Big ball", shape=(48, 96, 96), seed=1, study=None)
+            self._cancelMidway(big, segmentation)
+            self._killWorkerMidway(big, segmentation)
+            self._checkSceneReload(volume, segmentation)
+        self._refineKeepingEditsAndUndo()
+        self._export()
         self.delayDisplay("MedSegSuite self-test passed")
 
     # -- steps ---------------------------------------------------------------------------
@@ -208,3 +212,91 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
         if segmentation is not None:
             self.assertEqual(ui.outputSegmentationSelector.currentNode().GetName(), segmentation.GetName())
             self.assertEqual(ui.modelSelector.itemData(ui.modelSelector.property("currentIndex")), model)
+
+    def _refineKeepingEditsAndUndo(self):
+        import numpy as np
+
+        from MedSegSuiteLib.slicer import testing
+
+        ui = self.widget.ui
+        self.refiner = testing.pick_refiner(self.widget.panel.entries)
+        if self.refiner is None:
+            if os.environ.get("MEDSEGSUITE_SELFTEST_REQUIRE_REFINER"):
+                self.fail("no HiDiff model is installed")
+            self.delayDisplay("No HiDiff model installed: skipping the refinement steps (import one to test them).")
+            return
+        self.delayDisplay(f"Segmenting stacked discs with {self.refiner.card.name}, then refining with my edits kept")
+        volume, _ = testing.add_disc_stack_volume("Discs")
+        ui.inputVolumeSelector.setCurrentNode(volume)
+        ui.outputSegmentationSelector.setCurrentNode(None)
+        ui.modelSelector.setCurrentIndex(ui.modelSelector.findData(self.refiner.card.id))
+        status = self._clickAndWait()
+        self.assertEqual(status.state, "done", status.message)
+        segmentation = slicer.mrmlScene.GetNodeByID(status.output_node_id)
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(self.refiner.card.labels[0].name)
+        ai = testing.segment_array(segmentation, segment_id, volume)
+        edited = ai.copy()
+        edited[1, 1:4, 1:4] = 1  # painted a blob in the background
+        inside = np.argwhere(ai[0])[:5]
+        edited[0][tuple(inside.T)] = 0  # erased a few voxels of the result
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited, segmentation, segment_id, volume)
+        mine = edited != ai
+        self.assertGreater(int(mine.sum()), 0)
+
+        ui.refineModelSelector.setCurrentIndex(ui.refineModelSelector.findData(self.refiner.card.id))
+        ui.refineStepsSpinBox.setValue(min(3, ui.refineStepsSpinBox.property("maximum")))
+        ui.keepEditsCheckBox.setChecked(True)
+        ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("volume"))
+        self.assertFalse(ui.undoRefineButton.isEnabled())
+        ui.refineButton.click()
+        self.assertTrue(testing.wait_until(lambda: not self.widget.logic.busy, 300), "refinement timed out")
+        status = self.widget.logic.status
+        self.assertEqual(status.state, "done", status.message)
+        self.assertIn("Refined", ui.statusLabel.property("text"))
+        refined = testing.segment_array(segmentation, segment_id, volume)
+        self.assertTrue(np.array_equal(refined[mine], edited[mine]), "an edited voxel changed")
+        self.delayDisplay(f"Refinement changed {int((refined != edited).sum())} voxel(s) outside my edits")
+
+        self.assertTrue(ui.undoRefineButton.isEnabled())
+        ui.undoRefineButton.click()
+        self.assertTrue(np.array_equal(testing.segment_array(segmentation, segment_id, volume), edited))
+        self.assertFalse(ui.undoRefineButton.isEnabled())
+
+    def _export(self):
+        import shutil
+        import tempfile
+
+        import numpy as np
+
+        from MedSegSuiteLib.export import read_segmentation
+        from MedSegSuiteLib.slicer import testing
+        from MedSegSuiteLib.slicer.volumes import grid_from_node
+
+        self.delayDisplay("Exporting to .seg.nrrd and to a NIfTI label map with its JSON table")
+        ui = self.widget.ui
+        volume, ball = testing.add_ball_volume("Export ball", shape=(12, 24, 20), radius=4.0, study=None)
+        marker = np.zeros_like(ball)
+        marker[2:4, 2:6, 3:7] = 1
+        segments = {"Ball": (ball, (230, 60, 40)), "Marker": (marker, (30, 120, 220))}
+        segmentation = testing.add_painted_segmentation(volume, segments, name="Painted")
+        ui.inputVolumeSelector.setCurrentNode(volume)
+        ui.outputSegmentationSelector.setCurrentNode(segmentation)
+        folder = tempfile.mkdtemp(prefix="medsegsuite-selftest-")
+        try:
+            for key, name in (("seg.nrrd", "painted.seg.nrrd"), ("nifti", "painted.nii.gz")):
+                ui.exportFormatSelector.setCurrentIndex(ui.exportFormatSelector.findData(key))
+                path = os.path.join(folder, name)
+                ui.exportPathLineEdit.setText(path)
+                self.assertTrue(ui.exportButton.isEnabled(), ui.exportButton.property("toolTip"))
+                ui.exportButton.click()
+                self.assertIn(f"Exported 'Painted' to {path}", ui.statusLabel.property("text"))
+                back = read_segmentation(path)
+                self.assertTrue(back.grid.same_as(grid_from_node(volume), atol=1e-4))
+                self.assertEqual(
+                    [(s.name, tuple(s.color)) for s in back.segments], [(n, c) for n, (_, c) in segments.items()]
+                )
+                for segment, (mask, _) in zip(back.segments, segments.values()):
+                    self.assertTrue(np.array_equal(back.mask(segment), mask.astype(bool)))
+            self.assertTrue(os.path.isfile(os.path.join(folder, "painted.labels.json")))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -3,7 +3,9 @@
 Only this package and ``MedSegSuite/MedSegSuite.py`` import ``slicer``. Modules:
 :mod:`.volumes` (volume nodes <-> :class:`~MedSegSuiteLib.volume.Volume`, ROI -> voxel box),
 :mod:`.segmentations` (label maps -> coded segments), :mod:`.parameters` (the parameter
-node), :mod:`.logic` (jobs in the worker), :mod:`.panel` (the Qt panel),
+node), :mod:`.logic` (jobs in the worker), :mod:`.refinement` (segment matching, edits
+and undo for refinement steps), :mod:`.exporting` (writing a segmentation node),
+:mod:`.panel` and :mod:`.sections` (the Qt panel and its Refine and Export sections),
 :mod:`.dependencies` (first-use installation) and :mod:`.testing` (self-test helpers).
 Importing the package imports nothing else.
 """

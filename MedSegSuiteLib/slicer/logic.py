@@ -1,10 +1,16 @@
-"""The MedSegSuite module logic: models, devices, and segmentation jobs run by the worker.
+"""The MedSegSuite module logic: models, devices, and the segmentation and refinement jobs run by the worker.
 
-GUI-free: the panel calls :meth:`SegmentationLogic.start` and then
-:meth:`SegmentationLogic.poll` from a timer; scripts can call
-:meth:`SegmentationLogic.wait`. Nothing in the scene changes until a job's result has
-arrived and been checked: a failed, cancelled or crashed job leaves the scene as it
-was.
+GUI-free: the panel calls :meth:`SegmentationLogic.start` (or
+:meth:`SegmentationLogic.start_refine`) and then :meth:`SegmentationLogic.poll` from a
+timer; scripts can call :meth:`SegmentationLogic.wait`. Nothing in the scene changes
+until a job's result has arrived and been checked: a failed, cancelled or crashed job
+leaves the scene as it was. One job runs at a time.
+
+Refinement (see :mod:`.refinement`) remembers the last AI result of every segment it
+or a segmentation wrote, so "keep my edits" can hold the voxels the user changed
+since, and keeps the segmentation as it was before each refinement for
+:meth:`SegmentationLogic.undo_refinement`. Exporting is pure file I/O and runs in
+this process (:mod:`.exporting`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,20 @@ import slicer
 
 from ..errors import InputError, MedSegSuiteError
 from ..worker.client import WorkerClient
-from .segmentations import create_segmentation_node, place_next_to, write_labels
-from .volumes import box_from_roi, grid_from_node, volume_from_node
+from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
+from .segmentations import create_segmentation_node, place_next_to, segment_ids, segment_mask, write_labels
+from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, volume_from_node
 
-__all__ = ["DEVICE_TITLES", "SegmentationLogic", "TaskStatus", "describe_model", "worker_python"]
+__all__ = [
+    "DEVICE_TITLES",
+    "REFINE_SCOPES",
+    "SegmentationLogic",
+    "TaskStatus",
+    "describe_model",
+    "diffusion_steps",
+    "is_refiner",
+    "worker_python",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +51,10 @@ _STAGE_TITLES = {
     "preprocessing": "Preparing the image",
     "segmenting": "Segmenting",
     "postprocessing": "Finishing",
+    "refining": "Refining",
 }
+_JOB_TITLES = {"segment": "Segmentation", "refine": "Refinement"}
+REFINE_SCOPES = {"volume": "Whole volume", "slice": "Current axial slice (Red view)", "roi": "Region (ROI)"}
 
 
 def worker_python() -> str:
@@ -93,6 +112,19 @@ def describe_model(card: Any) -> str:
     return "<br>".join(lines)
 
 
+def is_refiner(card: Any) -> bool:
+    """True for models that can run refinement steps (HiDiff: a segmentor plus a diffusion refiner)."""
+    return str(card.network) == "hidiff"
+
+
+def diffusion_steps(card: Any) -> int:
+    """The diffusion length ``T`` of a HiDiff model card: the most refinement steps it can run."""
+    try:
+        return max(1, int((card.config or {}).get("num_steps", 10)))
+    except (TypeError, ValueError):
+        return 10
+
+
 @dataclass
 class TaskStatus:
     """Where the current (or last) job stands; ``state`` is idle, running, done, failed or cancelled."""
@@ -105,6 +137,7 @@ class TaskStatus:
     unit: str = ""
     output_node_id: Optional[str] = None
     info: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""
 
     @property
     def running(self) -> bool:
@@ -120,6 +153,9 @@ class _Task:
     job_dir: Path
     started: float
     cancel_requested: bool = False
+    kind: str = "segment"
+    plan: Optional[RefinePlan] = None
+    steps: int = 0
 
 
 class SegmentationLogic:
@@ -128,15 +164,20 @@ class SegmentationLogic:
     Args:
         client: the worker client (default: one that starts :func:`worker_python`).
         scene: the MRML scene (default ``slicer.mrmlScene`` at call time).
+        undo_levels: refinements that can be undone, per segmentation.
     """
 
-    def __init__(self, client: Optional[WorkerClient] = None, scene: Optional[Any] = None) -> None:
+    def __init__(
+        self, client: Optional[WorkerClient] = None, scene: Optional[Any] = None, undo_levels: int = 5
+    ) -> None:
         self._client = client
         self._scene = scene
         self._task: Optional[_Task] = None
         self.status = TaskStatus()
         self.problems: list[str] = []
         self.packages_missing = False
+        self.ai_results = AIResults()
+        self.undo_stack = UndoStack(undo_levels)
 
     # -- collaborators -----------------------------------------------------------------
     @property
@@ -181,6 +222,11 @@ class SegmentationLogic:
     def busy(self) -> bool:
         return self._task is not None
 
+    @property
+    def job_kind(self) -> str:
+        """The kind of the running job (``segment`` or ``refine``), "" when idle."""
+        return self._task.kind if self._task is not None else ""
+
     # -- jobs --------------------------------------------------------------------------
     def _resolve(self, model: Union[str, Any]) -> Any:
         if hasattr(model, "card"):
@@ -217,6 +263,7 @@ class SegmentationLogic:
                 f"{card.name} segments 3D volumes and {input_node.GetName()!r} is a single 2D image: choose a 2D model"
             )
         box = box_from_roi(region_node, input_node) if region_node is not None else None
+        self._prune()
         job_dir = self.client.new_job_dir()
         try:
             from ..io import write_image
@@ -242,8 +289,168 @@ class SegmentationLogic:
             job_dir,
             time.monotonic(),
         )
-        self.status = TaskStatus("running", f"Starting {card.name}...")
+        self.status = TaskStatus("running", f"Starting {card.name}...", kind="segment")
         return self.status
+
+    def start_refine(
+        self,
+        segmentation_node: Any,
+        volume_node: Any,
+        model: Union[str, Any],
+        steps: int,
+        keep_edits: bool = True,
+        scope: str = "volume",
+        slice_index: Optional[int] = None,
+        point_lps: Optional[tuple[float, float, float]] = None,
+        roi_node: Optional[Any] = None,
+        device: str = "auto",
+        seed: int = 0,
+        ensemble: int = 1,
+    ) -> TaskStatus:
+        """Send ``steps`` refinement steps of a HiDiff model to the worker and return the new status (``running``).
+
+        Works on the segments of ``segmentation_node`` that match the model's labels
+        (see :func:`.refinement.match_segments`) on ``volume_node``'s grid. With
+        ``keep_edits`` the voxels changed since the last AI result are held. ``scope``:
+        ``volume``; ``slice`` with ``slice_index`` (canonical axial index, 0 = most
+        inferior) or ``point_lps`` (the axial slice through that LPS point, mm, in the
+        volume's own coordinates); ``roi`` with ``roi_node``. ``ensemble`` chains are
+        averaged (their uncertainty map is not brought back). Raises InputError
+        (nothing started) when the request cannot work.
+        """
+        if self._task is not None:
+            raise InputError("a job is already running: wait for it or cancel it")
+        if volume_node is None:
+            raise InputError("choose the input volume the segmentation belongs to")
+        if segmentation_node is None:
+            raise InputError("choose a segmentation to refine (segment first, or paint one in Segment Editor)")
+        entry = self._resolve(model)
+        card = entry.card
+        if not is_refiner(card):
+            raise InputError(f"{card.name} cannot run refinement steps; choose a HiDiff model")
+        limit = diffusion_steps(card)
+        if not 1 <= int(steps) <= limit:
+            raise InputError(f"steps must be between 1 and {limit} for {card.name}, got {steps}")
+        if scope not in REFINE_SCOPES:
+            raise InputError(f"scope must be one of {', '.join(REFINE_SCOPES)}, got {scope!r}")
+        grid = grid_from_node(volume_node)
+        params: dict[str, Any] = {"scope": scope}
+        if scope == "slice":
+            if slice_index is None and point_lps is None:
+                raise InputError("refining the current slice needs a slice index or a point on the slice")
+            if slice_index is not None:
+                if not 0 <= int(slice_index) < grid.shape[0]:
+                    raise InputError(f"slice index must be between 0 and {grid.shape[0] - 1}, got {slice_index}")
+                params["slice"] = int(slice_index)
+            else:
+                params["point"] = [float(v) for v in point_lps]  # type: ignore[union-attr]
+        elif scope == "roi":
+            if roi_node is None:
+                raise InputError("choose the region (ROI) to refine")
+            box = box_from_roi(roi_node, volume_node)
+            params["roi"] = [*box.start, *box.stop]
+        self._prune()
+        plan = plan_refinement(segmentation_node, volume_node, card, self.ai_results, keep_edits)
+        job_dir = self.client.new_job_dir()
+        try:
+            from ..io import write_image
+            from ..volume import Volume
+
+            source = write_image(volume_from_node(volume_node, copy=False), job_dir / "input.nrrd", compress=False)
+            mask = write_image(Volume.on_grid(plan.labels, grid), job_dir / "mask.nrrd", compress=False)
+            params.update(
+                {
+                    "model": str(entry.directory),
+                    "input": str(source),
+                    "mask": str(mask),
+                    "output": str(job_dir / "refined.nrrd"),
+                    "steps": int(steps),
+                    "seed": int(seed),
+                    "ensemble": int(ensemble),
+                    "device": device or "auto",
+                }
+            )
+            if plan.keep is not None and plan.keep.any():
+                keep = Volume.on_grid(plan.keep.astype("uint8"), grid)
+                params["keep"] = str(write_image(keep, job_dir / "keep.nrrd", compress=False))
+            job = self.client.submit("refine", params)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self._task = _Task(
+            job,
+            volume_node.GetID(),
+            segmentation_node.GetID(),
+            entry,
+            job_dir,
+            time.monotonic(),
+            kind="refine",
+            plan=plan,
+            steps=int(steps),
+        )
+        self.status = TaskStatus("running", f"Starting {card.name} refinement...", kind="refine")
+        return self.status
+
+    def can_undo(self, segmentation_node: Optional[Any]) -> bool:
+        """True when a refinement of this segmentation can be undone."""
+        return self._task is None and self.undo_stack.can_undo(segmentation_node)
+
+    def undo_refinement(self, segmentation_node: Any) -> TaskStatus:
+        """Put the segmentation back exactly as it was before its last refinement."""
+        if self._task is not None:
+            raise InputError("wait for the running job to end before undoing")
+        if segmentation_node is None:
+            raise InputError("choose the segmentation whose refinement to undo")
+        ai_snapshot = self.undo_stack.pop(segmentation_node)
+        self.ai_results.restore(segmentation_node, ai_snapshot)
+        left = " (more can be undone)" if self.undo_stack.can_undo(segmentation_node) else ""
+        self.status = TaskStatus(
+            "done",
+            f"Undid the last refinement of {segmentation_node.GetName()!r}{left}.",
+            output_node_id=segmentation_node.GetID(),
+            kind="undo",
+        )
+        return self.status
+
+    def remember_ai_result(self, segmentation_node: Any, volume_node: Any) -> None:
+        """Take the segmentation's current content as the last AI result (what "keep my edits" compares with)."""
+        masks = {sid: segment_mask(segmentation_node, sid, volume_node) for sid in segment_ids(segmentation_node)}
+        self.ai_results.remember(segmentation_node, grid_from_node(volume_node), masks, replace=True)
+
+    def export(
+        self,
+        segmentation_node: Any,
+        output: Union[str, Path],
+        reference_node: Optional[Any] = None,
+        overwrite: bool = False,
+        dicom_folder: Optional[Union[str, Path]] = None,
+    ) -> TaskStatus:
+        """Write the segmentation to ``output`` (format from its extension) in this process; returns a ``done`` status.
+
+        See :func:`.exporting.export_segmentation`; ``dicom_folder`` is the source
+        series of a DICOM SEG when the volume did not come from Slicer's DICOM
+        database. Raises InputError with a one-line reason (nothing is written).
+        """
+        from .exporting import export_segmentation
+
+        started = time.monotonic()
+        written = export_segmentation(
+            segmentation_node, output, reference_node, overwrite=overwrite, dicom_folder=dicom_folder
+        )
+        names = " and ".join(str(path) for path in written)
+        text = f"Exported {segmentation_node.GetName()!r} to {names} in {time.monotonic() - started:.1f} s."
+        return TaskStatus("done", text, output_node_id=segmentation_node.GetID(), kind="export")
+
+    def _prune(self) -> None:
+        """Forget AI results and undo copies of segmentations no longer in the scene."""
+        scene = self.scene
+        self.ai_results.prune(lambda node_id: scene.GetNodeByID(node_id) is not None)
+        self.undo_stack.prune(lambda node_id: scene.GetNodeByID(node_id) is not None)
+
+    def forget(self) -> None:
+        """Forget remembered AI results and undo copies (the scene is closing)."""
+        self.ai_results.forget()
+        self.undo_stack.forget()
 
     def cancel(self) -> None:
         """Ask the running job to stop; its result, if one still arrives, is discarded."""
@@ -251,7 +458,9 @@ class SegmentationLogic:
             return
         self._task.cancel_requested = True
         self.client.cancel(self._task.job)
-        self.status = TaskStatus("running", "Cancelling...", self.status.stage, self.status.done, self.status.total)
+        self.status = TaskStatus(
+            "running", "Cancelling...", self.status.stage, self.status.done, self.status.total, kind=self._task.kind
+        )
 
     def poll(self) -> TaskStatus:
         """Process the worker's messages (never blocks) and return the current status."""
@@ -268,13 +477,20 @@ class SegmentationLogic:
                 text = f"{title}: {done} / {total} {unit}" if total > 1 else f"{title}..."
                 if task.cancel_requested:
                     text = "Cancelling..."
-                self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "")
+                self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "", kind=task.kind)
             elif kind == "result":
-                self._finish(self._apply(task, message) if not task.cancel_requested else self._cancelled())
+                if task.cancel_requested:
+                    self._finish(self._cancelled())
+                elif task.kind == "refine":
+                    self._finish(self._apply_refinement(task, message))
+                else:
+                    self._finish(self._apply(task, message))
             elif kind == "cancelled":
                 self._finish(self._cancelled())
             elif kind == "error":
-                self._finish(TaskStatus("failed", f"Segmentation failed: {message['message']}"))
+                self._finish(
+                    TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {message['message']}")
+                )
             elif kind == "died":
                 self._finish(TaskStatus("failed", message["message"][0].upper() + message["message"][1:] + "."))
         return self.status
@@ -287,6 +503,7 @@ class SegmentationLogic:
         task, self._task = self._task, None
         if task is not None:
             shutil.rmtree(task.job_dir, ignore_errors=True)
+            status.kind = task.kind
         self.status = status
 
     def _apply(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
@@ -306,9 +523,12 @@ class SegmentationLogic:
                 output = create_segmentation_node(input_node, scene=scene)
             card = task.entry.card
             array = labels.array if labels.array.ndim == 3 else labels.array[0]
-            write_labels(output, array, input_node, card.labels, model_tag=f"{card.id} {card.version}")
+            ids = write_labels(output, array, input_node, card.labels, model_tag=f"{card.id} {card.version}")
             if created:
                 place_next_to(output, input_node)
+            self.undo_stack.forget(output)  # a new result: earlier refinements cannot be undone into it
+            masks = {sid: array == label.value for sid, label in zip(ids, card.labels)}
+            self.ai_results.remember(output, labels.grid, masks, replace=True)
             self._show(input_node)
         except MedSegSuiteError as error:
             return TaskStatus("failed", f"Segmentation failed: {error}")
@@ -323,6 +543,78 @@ class SegmentationLogic:
         )
         return TaskStatus("done", text, output_node_id=output.GetID(), info=info)
 
+    def _apply_refinement(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
+        from ..io import read_image
+
+        scene = self.scene
+        volume_node = scene.GetNodeByID(task.input_node_id)
+        segmentation_node = scene.GetNodeByID(task.output_node_id) if task.output_node_id else None
+        if volume_node is None or segmentation_node is None:
+            return TaskStatus(
+                "failed", "The volume or the segmentation was removed while refining; nothing was changed."
+            )
+        plan = task.plan
+        assert plan is not None
+        try:
+            refined = read_image(message["outputs"]["labels"])
+            if not refined.grid.same_as(grid_from_node(volume_node)):
+                raise InputError("the input volume changed while refining; the result was discarded: run again")
+            array = refined.array if refined.array.ndim == 3 else refined.array[0]
+            ai_before = self.ai_results.snapshot(segmentation_node)
+            self.undo_stack.push(segmentation_node, ai_before)
+            try:
+                masks, changed = apply_refinement(segmentation_node, volume_node, plan, array)
+            except BaseException:
+                self.undo_stack.pop(segmentation_node)
+                raise
+            self.ai_results.remember(segmentation_node, refined.grid, masks)
+        except MedSegSuiteError as error:
+            return TaskStatus("failed", f"Refinement failed: {error}")
+        info = dict(message.get("info", {}))
+        seconds = time.monotonic() - task.started
+        device = str(info.get("device", "?")).replace("cpu", "CPU")
+        slices = len(info.get("slices", []))
+        names = {match.segment_id: match.name for match in plan.matches}
+        parts = [f"{changed[sid]} in {names[sid]!r}" for sid in names]
+        kept = int(plan.keep.sum()) if plan.keep is not None else 0
+        text = (
+            f"Refined {slices} slice(s) with {task.steps} step(s) in {seconds:.1f} s on {device}: "
+            f"voxels changed: {', '.join(parts)}."
+        )
+        if plan.keep is not None:
+            text += f" Kept {kept} edited voxel(s)"
+            if plan.hand_painted:
+                text += (
+                    " ("
+                    + ", ".join(repr(n) for n in plan.hand_painted)
+                    + " had no AI result: all its voxels count as yours)"
+                )
+            text += "."
+        text += describe_left_untouched(plan.unknown)
+        info["changed_by_segment"] = {names[sid]: n for sid, n in changed.items()}
+        info["left_untouched"] = list(plan.unknown)
+        return TaskStatus("done", text, output_node_id=segmentation_node.GetID(), info=info)
+
+    @staticmethod
+    def current_slice_point(volume_node: Any, view: str = "Red") -> Optional[tuple[float, float, float]]:
+        """The centre of a slice view in the volume's own LPS coordinates (mm), or None without a layout manager."""
+        app = getattr(slicer, "app", None)
+        layout = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
+        if layout is None:
+            return None
+        widget = layout.sliceWidget(view)
+        if widget is None:
+            return None
+        matrix = widget.mrmlSliceNode().GetSliceToRAS()
+        world = [matrix.GetElement(r, 3) for r in range(3)]
+        import vtk
+
+        to_node = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volume_node.GetParentTransformNode(), to_node)
+        local = to_node.TransformPoint(*world)
+        lps = LPS_FROM_RAS @ [float(v) for v in local]
+        return (float(lps[0]), float(lps[1]), float(lps[2]))
+
     @staticmethod
     def _show(input_node: Any) -> None:
         app = getattr(slicer, "app", None)
@@ -335,7 +627,7 @@ class SegmentationLogic:
         deadline = time.monotonic() + timeout
         while self._task is not None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the segmentation did not finish within {timeout} s")
+                raise TimeoutError(f"the job did not finish within {timeout} s")
             self.poll()
             time.sleep(interval)
         return self.status

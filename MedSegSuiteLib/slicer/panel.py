@@ -1,9 +1,12 @@
 """The MedSegSuite panel: binds ``Resources/UI/MedSegSuite.ui`` to the parameter node and the logic.
 
-The panel never waits: **Segment** sends a job to the worker and starts a ``QTimer``
-that polls the logic every 100 ms, updating the progress bar and the status line; the
-same button becomes **Cancel** while the job runs. Choices live in the parameter node
-(:mod:`.parameters`), so they are saved with the scene and restored when it is loaded.
+The panel never waits: **Segment** (and **Refine** / **One step** in the Refine
+section) sends a job to the worker and starts a ``QTimer`` that polls the logic every
+100 ms, updating the progress bar and the status line shared by all sections; the
+clicked button becomes **Cancel** while the job runs. Choices live in the parameter
+node (:mod:`.parameters`), so they are saved with the scene and restored when it is
+loaded. The Refine and Export sections are controllers of their own
+(:mod:`.sections`).
 
 Written for both PythonQt (3D Slicer) and PySide6 (the test harness): it uses setter
 calls, reads ambiguous properties through ``property(name)`` and connects signals with
@@ -23,6 +26,7 @@ from slicer.util import VTKObservationMixin
 from ..errors import MedSegSuiteError
 from .logic import DEVICE_TITLES, SegmentationLogic, TaskStatus, describe_model
 from .parameters import Parameters, get_parameter_node
+from .sections import ExportSection, RefineSection
 
 __all__ = ["SegmentPanel"]
 
@@ -67,6 +71,8 @@ class SegmentPanel(VTKObservationMixin):
         ui.deviceSelector.currentIndexChanged.connect(self.update_parameter_node_from_gui)
         ui.fastCheckBox.toggled.connect(self.update_parameter_node_from_gui)
         ui.segmentButton.clicked.connect(self.on_segment_clicked)
+        self.refine = RefineSection(self)
+        self.export = ExportSection(self)
         scene = slicer.mrmlScene
         self.addObserver(scene, scene.StartCloseEvent, self._on_scene_start_close)
         self.addObserver(scene, scene.EndCloseEvent, self._on_scene_changed)
@@ -101,6 +107,11 @@ class SegmentPanel(VTKObservationMixin):
     def _on_modified(self, caller: Any = None, event: Any = None) -> None:
         self.update_gui_from_parameter_node()
 
+    @property
+    def updating(self) -> bool:
+        """True while the widgets are being set from the parameter node."""
+        return self._updating
+
     @staticmethod
     def _scene_busy() -> bool:
         scene = slicer.mrmlScene
@@ -122,6 +133,8 @@ class SegmentPanel(VTKObservationMixin):
             index = self.ui.deviceSelector.findData(p.device)
             self.ui.deviceSelector.setCurrentIndex(index if index >= 0 else self.ui.deviceSelector.findData("auto"))
             self.ui.fastCheckBox.setChecked(p.fast)
+            self.refine.update_gui(p)
+            self.export.update_gui(p)
         finally:
             self._updating = False
         self._update_model_info()
@@ -143,6 +156,8 @@ class SegmentPanel(VTKObservationMixin):
             if device:
                 p.device = device
             p.fast = self.ui.fastCheckBox.isChecked()
+            self.refine.update_parameters(p)
+            self.export.update_parameters(p)
         finally:
             p.node.EndModify(was_modifying)
 
@@ -165,11 +180,15 @@ class SegmentPanel(VTKObservationMixin):
             for entry in self._entries:
                 card = entry.card
                 self.ui.modelSelector.addItem(f"{card.name} ({card.dims}D)", card.id)
+            self.refine.refresh(self._entries)
         finally:
             self._updating = False
         if self.parameters is not None:
             if self.ui.modelSelector.findData(self.parameters.model_id) < 0 and self._entries:
                 self.parameters.model_id = self._entries[0].card.id
+            refiners = self.refine.entries
+            if self.ui.refineModelSelector.findData(self.parameters.refine_model_id) < 0 and refiners:
+                self.parameters.refine_model_id = refiners[0].card.id
             self.update_gui_from_parameter_node()
         self._update_model_info()
         self._update_enabled()
@@ -212,8 +231,13 @@ class SegmentPanel(VTKObservationMixin):
         )
 
     # -- running -------------------------------------------------------------------------
+    def update_enabled(self) -> None:
+        """Enable the widgets that make sense now (after a choice changed or a job started or ended)."""
+        self._update_enabled()
+
     def _update_enabled(self) -> None:
         running = self.logic.busy
+        segmenting = running and self.logic.job_kind == "segment"
         for widget in (
             self.ui.inputVolumeSelector,
             self.ui.outputSegmentationSelector,
@@ -225,12 +249,14 @@ class SegmentPanel(VTKObservationMixin):
         entry = self.current_entry()
         self.ui.fastCheckBox.setEnabled(not running and entry is not None and bool(entry.card.inference.fast))
         has_input = self.ui.inputVolumeSelector.currentNode() is not None
-        ready = has_input and entry is not None
-        install = has_input and entry is None and self.logic.packages_missing
-        self.ui.segmentButton.setEnabled(running or ready or install)
-        self.ui.segmentButton.setText("Cancel" if running else "Segment")
-        if running:
+        ready = has_input and entry is not None and not running
+        install = has_input and entry is None and self.logic.packages_missing and not running
+        self.ui.segmentButton.setEnabled(segmenting or ready or install)
+        self.ui.segmentButton.setText("Cancel" if segmenting else "Segment")
+        if segmenting:
             tip = "Stop the running segmentation; the scene stays as it is."
+        elif running:
+            tip = "Wait for the running job to end."
         elif install:
             tip = "MedSegSuite's Python packages are missing: click to install them."
         elif ready:
@@ -238,6 +264,12 @@ class SegmentPanel(VTKObservationMixin):
         else:
             tip = "Choose an input volume and a model first."
         self.ui.segmentButton.setToolTip(tip)
+        self.refine.update_enabled()
+        self.export.update_enabled()
+
+    def ensure_dependencies(self) -> bool:
+        """Install MedSegSuite's Python packages first if they are missing (after asking); False if not there."""
+        return self._ensure_dependencies()
 
     def _ensure_dependencies(self) -> bool:
         if not self.requirements or not Path(self.requirements).is_file():
@@ -262,8 +294,9 @@ class SegmentPanel(VTKObservationMixin):
     def on_segment_clicked(self) -> None:
         """Start a segmentation, or cancel the running one."""
         if self.logic.busy:
-            self.logic.cancel()
-            self.show_status(self.logic.status)
+            if self.logic.job_kind == "segment":
+                self.logic.cancel()
+                self.show_status(self.logic.status)
             return
         if not self._ensure_dependencies():
             return
@@ -283,6 +316,10 @@ class SegmentPanel(VTKObservationMixin):
         except (MedSegSuiteError, OSError) as error:
             self.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
             return
+        self.job_started(status)
+
+    def job_started(self, status: TaskStatus) -> None:
+        """A job was sent to the worker: show it and poll until it ends."""
         self._job_active = True
         self.show_status(status)
         self._update_enabled()
@@ -297,7 +334,7 @@ class SegmentPanel(VTKObservationMixin):
             return
         if self._job_active:
             self._job_active = False
-            if status.state == "done" and status.output_node_id:
+            if status.state == "done" and status.output_node_id and status.kind == "segment":
                 output = slicer.mrmlScene.GetNodeByID(status.output_node_id)
                 self.ui.outputSegmentationSelector.setCurrentNode(output)
                 if self.parameters is not None:
@@ -337,6 +374,7 @@ class SegmentPanel(VTKObservationMixin):
     def _on_scene_start_close(self, caller: Any = None, event: Any = None) -> None:
         if self.logic.busy:
             self.logic.cancel()
+        self.logic.forget()
         self.set_parameter_node(None)
 
     def _on_scene_changed(self, caller: Any = None, event: Any = None) -> None:

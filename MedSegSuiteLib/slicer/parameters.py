@@ -20,11 +20,30 @@ MODULE_NAME = "MedSegSuite"
 INPUT_VOLUME = "InputVolume"
 OUTPUT_SEGMENTATION = "OutputSegmentation"
 REGION = "Region"
+REFINE_REGION = "RefineRegion"
 # string parameters and their defaults
 MODEL = "Model"
 DEVICE = "Device"
 FAST = "FastMode"
-DEFAULTS = {MODEL: "", DEVICE: "auto", FAST: "false"}
+REFINE_MODEL = "RefineModel"
+REFINE_STEPS = "RefineSteps"
+REFINE_SCOPE = "RefineScope"
+KEEP_EDITS = "KeepEdits"
+EXPORT_FORMAT = "ExportFormat"
+EXPORT_PATH = "ExportPath"
+EXPORT_OVERWRITE = "ExportOverwrite"
+DEFAULTS = {
+    MODEL: "",
+    DEVICE: "auto",
+    FAST: "false",
+    REFINE_MODEL: "",
+    REFINE_STEPS: "3",
+    REFINE_SCOPE: "volume",
+    KEEP_EDITS: "true",
+    EXPORT_FORMAT: "seg.nrrd",
+    EXPORT_PATH: "",
+    EXPORT_OVERWRITE: "false",
+}
 
 
 def get_parameter_node(scene: Optional[Any] = None, create: bool = True) -> Optional[Any]:
@@ -106,3 +125,70 @@ class Parameters:
     @fast.setter
     def fast(self, value: bool) -> None:
         self.node.SetParameter(FAST, "true" if value else "false")
+
+    @property
+    def refine_region(self) -> Optional[Any]:
+        return self._ref(REFINE_REGION)
+
+    @refine_region.setter
+    def refine_region(self, value: Optional[Any]) -> None:
+        self._set_ref(REFINE_REGION, value)
+
+    @property
+    def refine_model_id(self) -> str:
+        return self.node.GetParameter(REFINE_MODEL)
+
+    @refine_model_id.setter
+    def refine_model_id(self, value: str) -> None:
+        self.node.SetParameter(REFINE_MODEL, value or "")
+
+    @property
+    def refine_steps(self) -> int:
+        try:
+            return int(self.node.GetParameter(REFINE_STEPS))
+        except ValueError:
+            return int(DEFAULTS[REFINE_STEPS])
+
+    @refine_steps.setter
+    def refine_steps(self, value: int) -> None:
+        self.node.SetParameter(REFINE_STEPS, str(int(value)))
+
+    @property
+    def refine_scope(self) -> str:
+        return self.node.GetParameter(REFINE_SCOPE) or DEFAULTS[REFINE_SCOPE]
+
+    @refine_scope.setter
+    def refine_scope(self, value: str) -> None:
+        self.node.SetParameter(REFINE_SCOPE, value or DEFAULTS[REFINE_SCOPE])
+
+    @property
+    def keep_edits(self) -> bool:
+        return self.node.GetParameter(KEEP_EDITS) != "false"
+
+    @keep_edits.setter
+    def keep_edits(self, value: bool) -> None:
+        self.node.SetParameter(KEEP_EDITS, "true" if value else "false")
+
+    @property
+    def export_format(self) -> str:
+        return self.node.GetParameter(EXPORT_FORMAT) or DEFAULTS[EXPORT_FORMAT]
+
+    @export_format.setter
+    def export_format(self, value: str) -> None:
+        self.node.SetParameter(EXPORT_FORMAT, value or DEFAULTS[EXPORT_FORMAT])
+
+    @property
+    def export_path(self) -> str:
+        return self.node.GetParameter(EXPORT_PATH)
+
+    @export_path.setter
+    def export_path(self, value: str) -> None:
+        self.node.SetParameter(EXPORT_PATH, value or "")
+
+    @property
+    def export_overwrite(self) -> bool:
+        return self.node.GetParameter(EXPORT_OVERWRITE) == "true"
+
+    @export_overwrite.setter
+    def export_overwrite(self, value: bool) -> None:
+        self.node.SetParameter(EXPORT_OVERWRITE, "true" if value else "false")

@@ -30,7 +30,12 @@ __all__ = [
     "TAG_LABEL_VALUE",
     "TAG_MODEL",
     "create_segmentation_node",
+    "geometry_matches",
     "place_next_to",
+    "segment_ids",
+    "segment_mask",
+    "segment_tag",
+    "set_segment_mask",
     "write_labels",
 ]
 
@@ -57,6 +62,84 @@ def _oriented_mask(mask: np.ndarray, ijk_to_ras: vtk.vtkMatrix4x4) -> Any:
     )
     image.GetPointData().SetScalars(scalars)
     return image
+
+
+def segment_ids(segmentation_node: Any) -> list[str]:
+    """The ids of the node's segments, in display order."""
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def segment_tag(segment: Any, key: str) -> str:
+    """A segment tag's value ("" when the segment has no such tag)."""
+    value = vtk.reference("")
+    return str(value.get()) if segment.GetTag(key, value) else ""
+
+
+def segment_mask(segmentation_node: Any, segment_id: str, reference_node: Any) -> np.ndarray:
+    """A segment's voxels ``[k, j, i]`` (bool) on ``reference_node``'s voxel grid; adds nothing to the scene.
+
+    The segment's binary labelmap is resampled (nearest neighbour) onto the reference
+    grid when its own geometry differs; an empty segment gives an all-false mask.
+    """
+    i, j, k = reference_node.GetImageData().GetDimensions()
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap
+    ):
+        return np.zeros((k, j, i), dtype=bool)
+    reference = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(matrix)
+    reference.SetImageToWorldMatrix(matrix)
+    reference.SetExtent(reference_node.GetImageData().GetExtent())
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    scalars = resampled.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros((k, j, i), dtype=bool)
+    values = numpy_support.vtk_to_numpy(scalars).reshape(k, j, i)
+    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return values == label_value
+
+
+def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, reference_node: Any) -> None:
+    """Replace a segment's voxels with ``mask`` (``[k, j, i]`` on the reference grid); other segments keep theirs.
+
+    Where the new voxels overlap another segment that shares the layer, Slicer moves
+    the segment to a layer of its own, so no other segment loses a voxel.
+    """
+    grid = grid_from_node(reference_node)
+    mask = np.asarray(mask)
+    if mask.shape != grid.shape:
+        raise InputError(f"a mask of shape {mask.shape} does not fit volume {reference_node.GetName()!r} {grid.shape}")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        _oriented_mask(mask, ijk_to_ras), segmentation_node, segment_id
+    )
+    if not ok:
+        raise InputError(f"could not store segment {segment_id!r} in {segmentation_node.GetName()!r}")
+
+
+def geometry_matches(segmentation_node: Any, volume_node: Any, atol: float = 1e-6) -> bool:
+    """True when the segmentation's reference image geometry is exactly the volume's grid (matrix and extent)."""
+    converter = slicer.vtkSegmentationConverter
+    text = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()
+    )
+    geometry = slicer.vtkOrientedImageData()
+    if not text or not converter.DeserializeImageGeometry(text, geometry, False):
+        return False
+    found, expected = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(found)
+    volume_node.GetIJKToRASMatrix(expected)
+    same_matrix = all(
+        abs(found.GetElement(r, c) - expected.GetElement(r, c)) <= atol for r in range(4) for c in range(4)
+    )
+    dims = volume_node.GetImageData().GetDimensions()
+    extent = tuple(geometry.GetExtent())
+    return same_matrix and extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
 
 
 def write_labels(

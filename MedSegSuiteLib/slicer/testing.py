@@ -21,8 +21,11 @@ from .volumes import add_volume_node
 
 __all__ = [
     "add_ball_volume",
+    "add_disc_stack_volume",
+    "add_painted_segmentation",
     "dice",
     "pick_3d_model",
+    "pick_refiner",
     "reference_geometry_matches",
     "save_and_reload_scene",
     "segment_array",
@@ -71,6 +74,53 @@ def add_ball_volume(
         item = sh.GetItemByDataNode(node) or sh.CreateItem(study_item, node)
         sh.SetItemParent(item, study_item)
     return node, mask
+
+
+def add_disc_stack_volume(
+    name: str = "MedSegSuite discs",
+    size: int = 32,
+    centres: tuple[tuple[float, float], ...] = ((16, 15), (15, 17), (17, 16)),
+    radius: float = 7.5,
+    seed: int = 40,
+) -> tuple[Any, np.ndarray]:
+    """Add a volume of stacked 8-bit grey slices, each with one bright disc; returns ``(node, disc mask [k, j, i])``.
+
+    Each slice is noise of about 80 +- 20 with 100 added inside its disc (clipped to
+    0-255), like the 2D images small HiDiff test models are trained on. Spacing
+    0.8 x 0.8 x 2 mm, axis-aligned.
+    """
+    images, masks = [], []
+    yy, xx = np.mgrid[:size, :size]
+    for k, centre in enumerate(centres):
+        rng = np.random.default_rng(seed + k)
+        mask = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+        images.append(np.clip(rng.normal(80, 20, (size, size)) + 100 * mask, 0, 255).astype(np.uint8))
+        masks.append(mask)
+    volume = Volume(np.stack(images).astype(np.float32), (0.8, 0.8, 2.0), (5.0, -3.0, 10.0))
+    return add_volume_node(volume, name), np.stack(masks).astype(np.uint8)
+
+
+def add_painted_segmentation(
+    volume_node: Any, segments: dict[str, tuple[np.ndarray, tuple[int, int, int]]], name: str = "Painted"
+) -> Any:
+    """Add a segmentation on ``volume_node`` painted like a user would: name -> (mask ``[k, j, i]``, RGB 0-255)."""
+    from .segmentations import create_segmentation_node
+
+    node = create_segmentation_node(volume_node, name=name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    for segment_name, (mask, color) in segments.items():
+        segment_id = node.GetSegmentation().AddEmptySegment(segment_name, segment_name, [c / 255.0 for c in color])
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            np.asarray(mask, dtype=np.uint8), node, segment_id, volume_node
+        )
+    return node
+
+
+def pick_refiner(entries: list[Any]) -> Optional[Any]:
+    """An installed HiDiff model (bundled first), the kind that runs refinement steps, or None."""
+    hidiff = [entry for entry in entries if entry.card.network == "hidiff"]
+    bundled = [entry for entry in hidiff if entry.source == "bundled"]
+    return (bundled or hidiff or [None])[0]
 
 
 def pick_3d_model(entries: list[Any]) -> Optional[Any]:

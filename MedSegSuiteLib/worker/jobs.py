@@ -15,8 +15,26 @@ Job kinds (:func:`default_handlers`):
     exclusive, or null), ``fast`` (bool). ``outputs``: ``{"labels": output}``. ``info``:
     model id and version, device, ``cache_hit``, ``labels_present`` and timings.
 
-More kinds (``refine``, ``finetune``) register here: they share :class:`ModelCache`
-through the context, so a refinement step reuses the segmentor that is already warm.
+``refine``
+    HiDiff refinement steps starting from a (corrected) label map; see
+    :class:`~MedSegSuiteLib.refine.refinement.Refiner`. ``params``: ``model`` (a HiDiff
+    model folder or id), ``input`` (image file), ``mask`` (label map on the image's grid,
+    in the model's label values), ``keep`` (optional label map: non-zero voxels never
+    change), ``output`` (label file to write), ``uncertainty`` (optional file for the
+    per-voxel uncertainty, written when ``ensemble`` > 1), ``steps`` (int, 1..T),
+    ``scope`` (``volume``, ``slice`` or ``roi``), ``slice`` (canonical axial index for
+    ``slice``) or ``point`` (``[x, y, z]`` LPS mm: the axial slice through it), ``roi``
+    (voxel box as for ``segment``, for ``roi``), ``seed`` (int, default 0), ``ensemble``
+    (int, default 1), ``device``, ``batch_size`` (slices per network call; default 1 on
+    the CPU, where it costs no speed and lets a cancel act after every slice, else 4).
+    ``outputs``: ``{"labels": output}`` plus
+    ``"uncertainty"`` when written. ``info``: model id and version, device,
+    ``cache_hit``, ``slices`` (canonical axial indices refined), ``changed`` (voxels
+    that differ from the mask), ``kept`` (voxels held by ``keep``), ``labels_present``
+    and timings.
+
+More kinds (``finetune``) register here: they share :class:`ModelCache` through the
+context, so a refinement step reuses the model that is already warm.
 """
 
 from __future__ import annotations
@@ -34,7 +52,15 @@ from ..geometry import Box
 from ..progress import ProgressCallback
 from .protocol import ProtocolError
 
-__all__ = ["JobContext", "JobHandler", "JobOutcome", "ModelCache", "default_handlers", "segment_job"]
+__all__ = [
+    "JobContext",
+    "JobHandler",
+    "JobOutcome",
+    "ModelCache",
+    "default_handlers",
+    "refine_job",
+    "segment_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +204,105 @@ def segment_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     )
 
 
+def _point(value: Any) -> Optional[tuple[float, float, float]]:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        raise ProtocolError(f"job parameter 'point' must be three numbers x,y,z (LPS mm), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
+    """Refine ``params['mask']`` with a (cached) HiDiff model; see the module docstring for the parameters."""
+    import numpy as np
+
+    from ..io import read_image, write_image
+    from ..refine.refinement import SCOPES, Refiner, axial_index
+
+    model = _param(params, "model", str)
+    source = Path(_param(params, "input", str))
+    mask_path = Path(_param(params, "mask", str))
+    keep_path = _param(params, "keep", str, None)
+    target = Path(_param(params, "output", str))
+    uncertainty_path = _param(params, "uncertainty", str, None)
+    steps = _param(params, "steps", int)
+    scope = _param(params, "scope", str, "volume")
+    slice_index = _param(params, "slice", int, None)
+    point = _point(params.get("point"))
+    roi = _roi(params.get("roi"))
+    seed = _param(params, "seed", int, 0)
+    ensemble = _param(params, "ensemble", int, 1)
+    device = _param(params, "device", str, "auto")
+    batch_size = _param(params, "batch_size", int, None)
+    if scope not in SCOPES:
+        raise ProtocolError(f"job parameter 'scope' must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope == "slice" and slice_index is None and point is None:
+        raise ProtocolError("scope 'slice' needs the job parameter 'slice' (axial index) or 'point' (LPS mm)")
+    if scope == "roi" and roi is None:
+        raise ProtocolError("scope 'roi' needs the job parameter 'roi'")
+    for path in [target] + ([Path(uncertainty_path)] if uncertainty_path else []):
+        if not path.parent.is_dir():
+            raise InputError(f"cannot write the result: folder {path.parent} does not exist")
+
+    started = time.perf_counter()
+    context.progress(0, 1, "loading model")
+    loaded, torch_device, hit = context.models.get(model, device)
+    if batch_size is None:
+        batch_size = 1 if torch_device.type == "cpu" else 4
+    refiner = Refiner(loaded, device=torch_device, batch_size=batch_size)
+    loaded_at = time.perf_counter()
+    context.progress(0, 1, "reading image")
+    volume = read_image(source)
+    mask = read_image(mask_path)
+    keep = read_image(keep_path) if keep_path else None
+    if scope == "slice" and slice_index is None:
+        slice_index = axial_index(volume, point)
+    result = refiner.refine(
+        volume,
+        mask,
+        steps,
+        keep=keep,
+        scope=scope,
+        slice_index=slice_index,
+        roi=roi,
+        seed=seed,
+        ensemble=ensemble,
+        progress=context.progress_in("slices"),
+        cancel=context.cancel,
+    )
+    refined_at = time.perf_counter()
+    outputs = {"labels": str(target)}
+    write_image(result.labels, target, overwrite=True, compress=False)
+    if uncertainty_path and result.uncertainty is not None:
+        write_image(result.uncertainty, uncertainty_path, overwrite=True, compress=False)
+        outputs["uncertainty"] = str(uncertainty_path)
+    labels = result.labels.array
+    return JobOutcome(
+        outputs=outputs,
+        info={
+            "model": loaded.card.id,
+            "version": loaded.card.version,
+            "device": str(torch_device),
+            "cache_hit": hit,
+            "steps": steps,
+            "scope": scope,
+            "slices": [int(z) for z in result.slices],
+            "changed": int((labels != mask.array).sum()),
+            "kept": int((keep.array != 0).sum()) if keep is not None else 0,
+            "labels_present": [int(v) for v in np.unique(labels) if v != 0],
+            "seconds": {
+                "load": round(loaded_at - started, 3),
+                "refine": round(refined_at - loaded_at, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+        },
+    )
+
+
 def default_handlers() -> dict[str, JobHandler]:
     """The job kinds this worker runs, by name."""
-    return {"segment": segment_job}
+    return {"segment": segment_job, "refine": refine_job}

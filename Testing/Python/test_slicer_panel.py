@@ -1,4 +1,5 @@
-"""The panel (real .ui, PySide6 offscreen) with a fake worker: parameter node sync, Segment/Cancel, devices, screenshot.
+"""The panel (real .ui, PySide6 offscreen) with a fake worker: parameter node sync, Segment/Cancel, Refine/Undo,
+Export, devices, screenshot.
 
 Writes Testing/output/panel.png on every run; with MEDSEGSUITE_UPDATE_SCREENSHOT=1 it
 also rewrites Resources/Screenshots/panel.png (the extension's screenshot).
@@ -12,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import slicer_harness
 from conftest import OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD
@@ -19,6 +21,21 @@ from slicer_harness.fake_worker import FakeWorkerFactory
 
 from MedSegSuiteLib.worker.client import WorkerClient
 
+HIDIFF_CARD = {
+    "schema_version": 1,
+    "id": "demo-hidiff",
+    "version": "1.0.0",
+    "name": "Demo disc refiner (HiDiff lite)",
+    "network": "hidiff",
+    "preset": "lite",
+    "config": {"in_channels": 1, "num_classes": 1, "num_steps": 8},
+    "dims": 2,
+    "input": {"channels": 1, "normalization": {"kind": "scale", "divisor": 255}, "size_xy": [32, 32]},
+    "inference": {"activation": "sigmoid", "batch_size": 4},
+    "labels": [{"value": 1, "name": "Disc", "color": [250, 200, 40]}],
+    "licence": "CC0-1.0",
+    "weights": {"file": "model.safetensors"},
+}
 DEMO_CARD = dict(
     UNET3D_CARD,
     name="Demo ball finder (U-Net lite)",
@@ -38,6 +55,7 @@ def panel(home, tmp_path):
     """The module widget over a fresh scene, with two listed models and a fake worker."""
     _install_card(home, DEMO_CARD)
     _install_card(home, dict(UNET2D_CARD, weights={"file": "model.safetensors"}))
+    _install_card(home, HIDIFF_CARD)
     slicer_harness.install()
     import slicer
 
@@ -160,7 +178,7 @@ def test_missing_packages_leave_segment_clickable_to_install_them(panel, monkeyp
     monkeypatch.delitem(sys.modules, "MedSegSuiteLib.models.registry")  # the packages are there now
     ui.segmentButton.click()
     assert installs and installs[0].requirements_path.name == "requirements.txt"
-    assert ui.modelSelector.count() == 2 and panel.logic.busy
+    assert ui.modelSelector.count() == 3 and panel.logic.busy
 
 
 def test_cuda_is_offered_only_when_the_worker_reports_it(panel, tmp_path):
@@ -179,6 +197,14 @@ def test_cuda_is_offered_only_when_the_worker_reports_it(panel, tmp_path):
     assert ui.deviceSelector.itemText(ui.deviceSelector.findData("cuda")) == "CUDA GPU"
 
 
+def test_many_qt_calls_do_not_use_up_the_references_to_none(panel):
+    """PySide6 6.12 on CPython 3.11 takes a reference from None per void call; the harness compensates."""
+    before = sys.getrefcount(None)
+    for _ in range(20000):
+        panel.ui.statusLabel.setText("")
+    assert sys.getrefcount(None) > 1_000_000, (before, sys.getrefcount(None))
+
+
 def test_sections_collapse_and_expand(panel):
     section = panel.ui.segmentCollapsibleButton
     assert not section.collapsed and panel.ui.segmentButton.isVisibleTo(section)
@@ -188,12 +214,205 @@ def test_sections_collapse_and_expand(panel):
     assert not section.collapsed and panel.ui.segmentButton.isVisibleTo(section)
 
 
+def _discs_with_segmentation(name="Discs"):
+    from MedSegSuiteLib.slicer.testing import add_disc_stack_volume, add_painted_segmentation
+
+    volume, discs = add_disc_stack_volume(name)
+    segmentation = add_painted_segmentation(volume, {"Disc": (discs, (250, 200, 40))}, name=f"{name} segmentation")
+    return volume, segmentation, discs
+
+
+def _disc_mask(segmentation, volume):
+    from MedSegSuiteLib.slicer.segmentations import segment_mask
+
+    return segment_mask(segmentation, segmentation.GetSegmentation().GetSegmentIdBySegmentName("Disc"), volume)
+
+
+def test_refine_section_offers_hidiff_models_with_their_step_range(panel):
+    ui = panel.ui
+    assert [ui.refineModelSelector.itemData(i) for i in range(ui.refineModelSelector.count())] == ["demo-hidiff"]
+    assert ui.refineStepsSpinBox.minimum() == 1 and ui.refineStepsSpinBox.maximum() == 8  # the card's num_steps
+    assert ui.refineStepsSpinBox.value() == 3 and ui.keepEditsCheckBox.isChecked()
+    scopes = [ui.refineScopeSelector.itemData(i) for i in range(ui.refineScopeSelector.count())]
+    assert scopes == ["volume", "slice", "roi"]
+    assert not ui.refineButton.isEnabled() and not ui.oneStepButton.isEnabled() and not ui.undoRefineButton.isEnabled()
+    assert ui.refineButton.property("toolTip") == "Choose the input volume first."
+    volume, segmentation, _ = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    assert ui.refineButton.isEnabled() and ui.oneStepButton.isEnabled() and not ui.undoRefineButton.isEnabled()
+    assert "Nothing to undo" in ui.undoRefineButton.property("toolTip")
+
+
+def test_refine_runs_in_the_background_can_be_cancelled_and_undone(panel):
+    from MedSegSuiteLib.slicer.testing import wait_until
+
+    ui = panel.ui
+    volume, segmentation, discs = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    ui.refineButton.click()
+    assert wait_until(lambda: panel.logic.status.stage == "refining", 10)
+    assert _text(ui.refineButton) == "Cancel" and ui.refineButton.isEnabled()
+    assert not ui.segmentButton.isEnabled() and not ui.oneStepButton.isEnabled()
+    assert ui.progressBar.format() == "%v / %m slices" and _text(ui.statusLabel) == "Refining: 1 / 4 slices"
+    sent = panel.factory.last.received[-1]
+    assert sent["kind"] == "refine" and sent["params"]["steps"] == 3 and sent["params"]["model"].endswith("demo-hidiff")
+    ui.refineButton.click()  # Cancel
+    assert wait_until(lambda: not panel.logic.busy, 10)
+    assert _text(ui.refineButton) == "Refine" and _text(ui.statusLabel) == "Cancelled; nothing was changed."
+    assert np.array_equal(_disc_mask(segmentation, volume), discs) and not ui.undoRefineButton.isEnabled()
+
+    ui.oneStepButton.click()
+    assert wait_until(lambda: panel.factory.last.held, 10)
+    assert panel.factory.last.received[-1]["params"]["steps"] == 1
+    panel.factory.last.finish()
+    assert wait_until(lambda: not panel.logic.busy, 10)
+    assert _text(ui.statusLabel).startswith("Refined 3 slice(s) with 1 step(s)"), _text(ui.statusLabel)
+    assert not np.array_equal(_disc_mask(segmentation, volume), discs)
+    assert ui.undoRefineButton.isEnabled() and ui.outputSegmentationSelector.currentNode() is segmentation
+    ui.undoRefineButton.click()
+    assert np.array_equal(_disc_mask(segmentation, volume), discs)
+    assert not ui.undoRefineButton.isEnabled() and _text(ui.statusLabel).startswith("Undid the last refinement")
+
+
+def test_refine_scope_picks_the_region_or_the_current_slice(panel):
+    import slicer
+
+    from MedSegSuiteLib.slicer.testing import wait_until
+
+    ui = panel.ui
+    volume, segmentation, _ = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    assert not ui.refineRegionSelector.isEnabled()
+    ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("roi"))
+    assert ui.refineRegionSelector.isEnabled() and not ui.refineButton.isEnabled()
+    assert ui.refineButton.property("toolTip") == "Choose the ROI to refine inside."
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    roi.SetCenter(*volume.GetOrigin())
+    roi.SetSize(0.1, 0.1, 0.1)
+    ui.refineRegionSelector.setCurrentNode(roi)
+    assert ui.refineButton.isEnabled()
+    ui.refineButton.click()
+    assert wait_until(lambda: panel.factory.last.held, 10)
+    assert panel.factory.last.received[-1]["params"]["roi"] == [0, 0, 0, 1, 1, 1]
+    panel.factory.last.finish()
+    assert wait_until(lambda: not panel.logic.busy, 10)
+
+    ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("slice"))
+    assert not ui.refineRegionSelector.isEnabled()
+    ui.oneStepButton.click()  # the harness has no slice views: the middle axial slice
+    assert wait_until(lambda: panel.factory.last.held, 10)
+    assert panel.factory.last.received[-1]["params"]["slice"] == 1
+    assert "no slice view: axial slice 1" in _text(ui.statusLabel)
+    panel.factory.last.finish()
+    assert wait_until(lambda: not panel.logic.busy, 10)
+
+
+def test_refine_and_export_choices_survive_saving_and_reloading_the_scene(panel, tmp_path):
+    import slicer
+
+    from MedSegSuiteLib.slicer.testing import save_and_reload_scene
+
+    ui = panel.ui
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    ui.refineStepsSpinBox.setValue(5)
+    ui.keepEditsCheckBox.setChecked(False)
+    ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("roi"))
+    ui.refineRegionSelector.setCurrentNode(roi)
+    ui.exportFormatSelector.setCurrentIndex(ui.exportFormatSelector.findData("nrrd"))
+    ui.exportPathLineEdit.setText(str(tmp_path / "case.nrrd"))
+    ui.exportOverwriteCheckBox.setChecked(True)
+    save_and_reload_scene()
+    assert ui.refineStepsSpinBox.value() == 5 and not ui.keepEditsCheckBox.isChecked()
+    assert ui.refineScopeSelector.itemData(ui.refineScopeSelector.currentIndex()) == "roi"
+    assert ui.refineRegionSelector.currentNode().GetName() == "Box"
+    assert ui.refineModelSelector.itemData(ui.refineModelSelector.currentIndex()) == "demo-hidiff"
+    assert ui.exportFormatSelector.itemData(ui.exportFormatSelector.currentIndex()) == "nrrd"
+    assert ui.exportPathLineEdit.text() == str(tmp_path / "case.nrrd") and ui.exportOverwriteCheckBox.isChecked()
+
+
+def test_export_writes_the_chosen_format_and_reports_on_the_status_line(panel, tmp_path):
+    from MedSegSuiteLib.export import read_segmentation
+
+    ui = panel.ui
+    volume, segmentation, discs = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    assert not ui.exportButton.isEnabled() and ui.exportButton.property("toolTip") == "Choose a segmentation first."
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    assert not ui.exportButton.isEnabled() and ui.exportButton.property("toolTip") == "Choose the file to write."
+    ui.exportPathLineEdit.setText(str(tmp_path / "discs.seg.nrrd"))
+    assert ui.exportButton.isEnabled()
+    ui.exportFormatSelector.setCurrentIndex(ui.exportFormatSelector.findData("nifti"))
+    assert ui.exportPathLineEdit.text() == str(tmp_path / "discs.nii.gz")  # the suffix follows the format
+    ui.exportButton.click()
+    assert _text(ui.statusLabel).startswith(f"Exported 'Discs segmentation' to {tmp_path / 'discs.nii.gz'} and ")
+    back = read_segmentation(tmp_path / "discs.nii.gz")
+    assert [(s.name, s.color) for s in back.segments] == [("Disc", (250, 200, 40))]
+    assert np.array_equal(back.mask(back.segments[0]), discs.astype(bool))
+    ui.exportButton.click()
+    assert _text(ui.statusLabel).startswith("Export failed:") and "already exists" in _text(ui.statusLabel)
+    ui.exportOverwriteCheckBox.setChecked(True)
+    ui.exportButton.click()
+    assert _text(ui.statusLabel).startswith("Exported")
+
+
+def test_browse_fills_in_the_file_with_the_format_suffix(panel, tmp_path, monkeypatch):
+    import qt
+
+    ui = panel.ui
+    existing = tmp_path / "old.nrrd"
+    existing.write_bytes(b"")
+    asked = []
+
+    def dialog(*args):
+        asked.append(args)
+        return (str(tmp_path / "new"), "") if len(asked) == 1 else (str(existing), "")
+
+    monkeypatch.setattr(qt.QFileDialog, "getSaveFileName", staticmethod(dialog))
+    ui.exportFormatSelector.setCurrentIndex(ui.exportFormatSelector.findData("nrrd"))
+    ui.exportBrowseButton.click()
+    assert ui.exportPathLineEdit.text() == str(tmp_path / "new.nrrd") and not ui.exportOverwriteCheckBox.isChecked()
+    assert asked[0][2] == "segmentation.nrrd" and asked[0][3] == "NRRD label map + JSON table (.nrrd) (*.nrrd)"
+    ui.exportBrowseButton.click()  # the dialog asked before choosing an existing file
+    assert ui.exportPathLineEdit.text() == str(existing) and ui.exportOverwriteCheckBox.isChecked()
+
+
+def test_dicom_seg_is_offered_only_for_volumes_loaded_from_dicom(panel, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import slicer
+
+    ui = panel.ui
+    volume, segmentation, _ = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    item = ui.exportFormatSelector.model().item(ui.exportFormatSelector.findData("dicom"))
+    assert not item.isEnabled() and "was not loaded from DICOM" in item.toolTip()
+    ui.exportFormatSelector.setCurrentIndex(ui.exportFormatSelector.findData("dicom"))  # a script may still try it
+    assert ui.exportFormatSelector.itemData(ui.exportFormatSelector.currentIndex()) == "seg.nrrd"
+    dicom_file = tmp_path / "slice.dcm"
+    dicom_file.write_bytes(b"")
+    monkeypatch.setattr(
+        slicer, "dicomDatabase", SimpleNamespace(fileForInstance=lambda uid: str(dicom_file)), raising=False
+    )
+    ct, _, _ = _discs_with_segmentation("CT")
+    ct.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")  # what Slicer's DICOM loader sets
+    ui.inputVolumeSelector.setCurrentNode(ct)
+    assert item.isEnabled() and "references the input's series" in item.toolTip()
+
+
+PANEL_SIZE = (420, 840)
+
+
 def _render(name: str) -> Path:
     import slicer
     from PySide6.QtGui import QImage
 
+    width, height = PANEL_SIZE
     representation = slicer.modules.medsegsuite.widgetRepresentation()
-    representation.resize(420, 480)
+    representation.resize(width, height)
     representation.show()
     slicer_harness.process_events()
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -201,8 +420,8 @@ def _render(name: str) -> Path:
     assert representation.grab().save(str(target))
     representation.hide()
     image = QImage(str(target))
-    assert (image.width(), image.height()) == (420, 480)
-    colours = {image.pixel(x, y) for x in range(0, 420, 7) for y in range(0, 480, 7)}
+    assert (image.width(), image.height()) == PANEL_SIZE
+    colours = {image.pixel(x, y) for x in range(0, width, 7) for y in range(0, height, 7)}
     assert len(colours) > 20  # text and widgets were drawn, not a blank rectangle
     return target
 
@@ -223,6 +442,8 @@ def test_panel_renders_offscreen_to_png_files(panel):
     _render("panel_running.png")
     panel.factory.last.finish()
     assert wait_until(lambda: not panel.logic.busy, 10)
+    ui.exportPathLineEdit.setText("/data/exports/Abdomen CT segmentation.seg.nrrd")
+    assert ui.refineButton.isEnabled() and ui.exportButton.isEnabled()
     target = _render("panel.png")
     if os.environ.get("MEDSEGSUITE_UPDATE_SCREENSHOT") == "1":
         screenshot = REPO / "Resources" / "Screenshots" / "panel.png"

@@ -2,8 +2,9 @@
 
 The same test class runs unchanged inside 3D Slicer (``Slicer --testing``); here it
 drives the real panel (PySide6, offscreen) on the real MRML library, with the small
-trained 3D U-Net of the ``unet3d_dir`` fixture imported into an isolated
-MEDSEGSUITE_HOME and a real worker process.
+trained 3D U-Net of the ``unet3d_dir`` fixture and the small HiDiff model of the
+``hidiff_dir`` fixture imported into an isolated MEDSEGSUITE_HOME, and a real worker
+process.
 """
 
 from __future__ import annotations
@@ -22,13 +23,24 @@ def installed_model(home, unet3d_dir, monkeypatch):
     return ModelRegistry().import_model(unet3d_dir)
 
 
-def test_module_self_test_segments_cancels_recovers_and_restores_the_scene(installed_model, monkeypatch):
+@pytest.fixture
+def installed_refiner(home, hidiff_dir):
+    from MedSegSuiteLib.models import ModelRegistry
+
+    return ModelRegistry().import_model(hidiff_dir)
+
+
+def test_module_self_test_segments_cancels_recovers_refines_undoes_and_exports(
+    installed_model, installed_refiner, monkeypatch
+):
     monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_MODEL", "1")
+    monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_REFINER", "1")
     slicer_harness.install()
     module = slicer_harness.load_module()
     try:
         test = module.python_module.MedSegSuiteTest()
         test.runTest()
         assert test.entry.card.id == installed_model.card.id
+        assert test.refiner.card.id == installed_refiner.card.id
     finally:
         slicer_harness.unload_modules()

@@ -3,6 +3,9 @@
 :class:`FakeWorkerProcess` has the attributes :class:`~MedSegSuiteLib.worker.client.WorkerClient`
 uses from ``subprocess.Popen`` and speaks the real protocol. Its "segment" jobs label
 voxels brighter than ``threshold`` as 1 (enough for balls of the synthetic volumes).
+Its "refine" jobs grow every label of the mask by one voxel within each axial slice
+(only in the slice ``slice`` or inside ``roi`` when the scope says so) and leave the
+``keep`` voxels as they were; with ``ensemble`` > 1 they write a zero uncertainty.
 With ``hold=True`` a job stops after its first progress message until the test calls
 :meth:`~FakeWorkerProcess.finish` or ends the process with :meth:`~FakeWorkerProcess.die`.
 """
@@ -135,7 +138,8 @@ class FakeWorkerProcess:
         elif kind == "start":
             job = message["job"]
             self.emit({"type": "started", "job": job, "kind": message.get("kind")})
-            self.emit({"type": "progress", "job": job, "done": 1, "total": 4, "stage": "segmenting", "unit": "windows"})
+            stage, unit = ("refining", "slices") if message.get("kind") == "refine" else ("segmenting", "windows")
+            self.emit({"type": "progress", "job": job, "done": 1, "total": 4, "stage": stage, "unit": unit})
             if self.hold:
                 self.held[job] = message
             else:
@@ -155,6 +159,9 @@ class FakeWorkerProcess:
         from MedSegSuiteLib.io import read_image, write_image
 
         params = message["params"]
+        if message.get("kind") == "refine":
+            self._refine(job, params)
+            return
         image = read_image(params["input"])
         channels = image.channel_first()
         labels = (channels.mean(axis=0) > self.threshold).astype(np.uint8)
@@ -174,6 +181,43 @@ class FakeWorkerProcess:
                 "info": {"model": "fake", "device": "cpu", "cache_hit": False, "labels_present": present},
             }
         )
+
+    def _refine(self, job: str, params: dict[str, Any]) -> None:
+        import numpy as np
+        from scipy import ndimage
+
+        from MedSegSuiteLib.io import read_image, write_image
+
+        mask = read_image(params["mask"])
+        labels = mask.array
+        grown = labels.copy()
+        plane = np.zeros((3, 3, 3), bool)
+        plane[1] = ndimage.generate_binary_structure(2, 1)
+        for value in [int(v) for v in np.unique(labels) if v != 0]:
+            grown[ndimage.binary_dilation(labels == value, plane) & (grown == 0)] = value
+        scope = np.zeros(labels.shape, bool)
+        if params.get("scope") == "slice" and params.get("slice") is not None:
+            scope[params["slice"]] = True
+        elif params.get("scope") == "roi":
+            roi = params["roi"]
+            scope[roi[2] : roi[5], roi[1] : roi[4], roi[0] : roi[3]] = True
+        else:
+            scope[:] = True
+        refined = np.where(scope, grown, labels)
+        if params.get("keep"):
+            keep = read_image(params["keep"]).array != 0
+            refined[keep] = labels[keep]
+        write_image(mask.with_array(refined), params["output"], overwrite=True, compress=False)
+        outputs = {"labels": params["output"]}
+        if params.get("uncertainty"):
+            write_image(mask.with_array(np.zeros(labels.shape, np.float32)), params["uncertainty"], overwrite=True)
+            outputs["uncertainty"] = params["uncertainty"]
+        self.emit({"type": "progress", "job": job, "done": 4, "total": 4, "stage": "refining", "unit": "slices"})
+        slices = [int(k) for k in np.nonzero(scope.any(axis=(1, 2)) & labels.any(axis=(1, 2)))[0]]
+        present = [int(v) for v in np.unique(refined) if v != 0]
+        info = {"model": "fake", "device": "cpu", "cache_hit": True, "slices": slices, "labels_present": present}
+        info["changed"] = int((refined != labels).sum())
+        self.emit({"type": "result", "job": job, "outputs": outputs, "info": info})
 
 
 class FakeWorkerFactory:
