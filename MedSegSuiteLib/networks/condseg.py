@@ -456,6 +456,8 @@ class ConDSeg(nn.Module):
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         if dim < 16 or dim % 2 or dim % num_heads:
             raise ValueError(f"dim must be even, >= 16 and divisible by num_heads ({num_heads}), got {dim}")
+        self.dim = dim
+        self.out_channels = out_channels
         self.layer0, self.layer1, self.layer2, self.layer3 = _trunk(in_channels, encoder_layers, encoder_width)
         widths = _trunk_widths(encoder_width)
         for k, width in enumerate(widths):
@@ -481,9 +483,16 @@ class ConDSeg(nn.Module):
         """Model key for a torchvision ResNet-50 key (``None``: not part of this trunk)."""
         return _imagenet_key(key)
 
-    def forward(
-        self, x: torch.Tensor, return_aux: bool = False
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    @property
+    def feature_dims(self) -> tuple[int, int, int, int]:
+        """Channels of the four maps :meth:`features_and_logits` returns (HiDiff's segmentor protocol)."""
+        return (self.dim,) * 4
+
+    @property
+    def num_classes(self) -> int:
+        return self.out_channels
+
+    def _decode(self, x: torch.Tensor, return_aux: bool) -> tuple[torch.Tensor, ...]:
         if return_aux and self.aux_head is None:
             raise RuntimeError("this ConDSeg was built with aux_head=False; it cannot return aux outputs")
         if x.shape[-2] % 16 or x.shape[-1] % 16:
@@ -500,10 +509,24 @@ class ConDSeg(nn.Module):
         f2 = self.cdfa2(torch.cat([d2, _up(f3)], dim=1), self.preprocess_fg2(f_fg), self.preprocess_bg2(f_bg))
         f1 = self.cdfa1(torch.cat([d1, _up(f2)], dim=1), self.preprocess_fg1(f_fg), self.preprocess_bg1(f_bg))
         logits = self.output_block(self.decoder_small(f2, f1), self.decoder_middle(f3, f2), self.decoder_large(f4, f3))
+        return logits, f2, f3, f4, f_fg, f_bg, f_uc
+
+    def forward(
+        self, x: torch.Tensor, return_aux: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits, _, _, _, f_fg, f_bg, f_uc = self._decode(x, return_aux)
         if not return_aux:
             return logits
         aux_fg, aux_bg, aux_uc = self.aux_head(f_fg, f_bg, f_uc)
         return logits, aux_fg, aux_bg, aux_uc
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """HiDiff's segmentor protocol: the CDFA outputs at H/4, H/8, H/16 and their 2x2 mean at H/32
+        (``dim`` channels each), and the main logits. ``x`` must be divisible by 32."""
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"as a HiDiff segmentor ConDSeg needs H and W divisible by 32, got {tuple(x.shape[-2:])}")
+        logits, f2, f3, f4, _, _, _ = self._decode(x, False)
+        return [f2, f3, f4, F.avg_pool2d(f4, 2)], logits
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid probabilities of the main output, ``[B, out_channels, H, W]`` in [0, 1]."""

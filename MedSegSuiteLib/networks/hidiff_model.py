@@ -36,6 +36,21 @@ def _part(kind: str, spec: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
     return {**table[preset], **spec, **fixed}
 
 
+def _segmentor(spec: Mapping[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+    spec = dict(spec)
+    network = spec.pop("network", "hidiff_segmentor")
+    if network == "hidiff_segmentor":
+        return HiDiffSegmentor(**_part("hidiff_segmentor", spec, in_channels=in_channels, num_classes=num_classes))
+    if network == "condseg":
+        from . import create
+
+        preset = spec.pop("preset", "lite")
+        return create(
+            "condseg", preset, **{**spec, "in_channels": in_channels, "out_channels": num_classes, "aux_head": False}
+        )
+    raise ValueError(f"HiDiff segmentor must be 'hidiff_segmentor' or 'condseg', got {network!r}")
+
+
 class HiDiff(nn.Module):
     """HiDiff: segmentor ``f`` + BBDM refiner ``g`` (Chen et al., IEEE TMI 2024).
 
@@ -43,7 +58,10 @@ class HiDiff(nn.Module):
         in_channels: image channels (1 for CT/MRI, 3 for RGB).
         num_classes: mask channels ``K``: 1 for one structure (sigmoid prior), or the number
             of classes including background (softmax prior).
-        segmentor: ``{"preset": ..., **overrides}`` for :class:`HiDiffSegmentor`.
+        segmentor: ``{"preset": ..., **overrides}`` for the default :class:`HiDiffSegmentor`, or
+            ``{"network": "condseg", "preset": ..., **overrides}`` to use ConDSeg (its CDFA outputs
+            at H/4..H/16 and their 2x2 mean at H/32 condition the refiner; the paper's claim that
+            any segmentor works).
         refiner: ``{"preset": ..., **overrides}`` for :class:`BBDMRefiner` (its condition
             dims always follow the segmentor's feature dims).
         schedule: ``"cosine"`` (unsquared) or ``"cosine2"`` (squared); see :class:`BernoulliSchedule`.
@@ -72,11 +90,7 @@ class HiDiff(nn.Module):
         super().__init__()
         if not 0 <= sampling_steps <= num_steps:
             raise ValueError(f"sampling_steps must be in [0, num_steps={num_steps}], got {sampling_steps}")
-        self.segmentor = HiDiffSegmentor(
-            **_part(
-                "hidiff_segmentor", segmentor or {"preset": "lite"}, in_channels=in_channels, num_classes=num_classes
-            )
-        )
+        self.segmentor = _segmentor(segmentor or {"preset": "lite"}, in_channels, num_classes)
         self.refiner = BBDMRefiner(
             **_part(
                 "hidiff_refiner",

@@ -161,3 +161,47 @@ def test_hidiff_model_segments_like_any_model(hidiff_dir, defective):
     full = Predictor(model, device="cpu").predict(image).labels.array
     assert _dice(full, truth) > 0.6
     assert np.array_equal(full, Predictor(model, device="cpu").predict(image).labels.array), "seeded sampling"
+
+
+def test_condseg_can_be_hidiffs_segmentor(tmp_path, defective):
+    """HiDiff works with any feature-exposing segmentor: ConDSeg through its features_and_logits."""
+    from PIL import Image
+
+    from MedSegSuiteLib import networks
+
+    net = networks.create("hidiff", "lite", in_channels=1, num_classes=1, segmentor={"network": "condseg"})
+    assert type(net.segmentor).__name__ == "ConDSeg" and net.refiner.condition_dims == net.segmentor.feature_dims
+    image, mask, _ = defective
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    for k in range(3):
+        Image.fromarray(image.array[k].astype(np.uint8)).save(tmp_path / "data" / "images" / f"s{k}.png")
+        Image.fromarray(mask.array[k] * 255).save(tmp_path / "data" / "masks" / f"s{k}.png")
+    code = main(
+        [
+            "train",
+            "--network",
+            "hidiff",
+            "--data",
+            str(tmp_path / "data"),
+            "-o",
+            str(tmp_path / "model"),
+            "--size",
+            "64,64",
+            "--iterations",
+            "4",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--labels",
+            "1:Disc",
+            "--config",
+            "segmentor={'network': 'condseg', 'preset': 'lite'}",
+            "--recipe",
+            "pretrain_fraction=0.5",
+        ]
+    )
+    assert code == 0
+    refined = Refiner(load_model(tmp_path / "model"), device="cpu").refine(image, mask, steps=2)
+    assert refined.labels.shape == mask.shape
