@@ -29,6 +29,7 @@ __all__ = ["Case", "discover_cases", "label_values", "load_case", "load_cases", 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 _LABEL_DIRS = ("labels", "masks", "labelsTr", "1st_manual")
+_RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_DIRS = ("images", "imagesTr")
 
 
@@ -171,7 +172,7 @@ def _label_map(label: Volume, path: Path) -> np.ndarray:
     values = np.unique(array)
     if values.min() < 0:
         raise InputError(f"{path}: label maps must not hold negative values")
-    if compound_suffix(path) in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff") and values.max() > 200:
+    if compound_suffix(path) in _RASTER and values.max() > 200:
         return (array > 127).astype(np.uint8)
     return array.astype(np.uint16 if values.max() > 255 else np.uint8)
 
@@ -191,6 +192,9 @@ def load_case(case: Case, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[V
     label = label.with_array(_label_map(label, case.label or case.image))
     if label.shape != image.shape:
         raise InputError(f"case {case.id}: label shape {label.shape} differs from image shape {image.shape}")
+    raster = {compound_suffix(case.image), compound_suffix(case.label or case.image)} <= set(_RASTER)
+    if raster:  # photos and their masks correspond pixel by pixel; a JPEG's DPI is no voxel size
+        return image, Volume.on_grid(label.array, image.grid)
     if not label.grid.same_as(image.grid, atol=1e-3):
         raise InputError(
             f"case {case.id}: the label's geometry differs from the image's "

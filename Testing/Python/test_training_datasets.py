@@ -103,3 +103,15 @@ def test_shared_datasets_are_discovered():
     assert len(discover_cases(SHARED_DATA / "kvasir_seg")) == 900
     assert len(discover_cases(SHARED_DATA / "msd_hippocampus")) == 208
     assert len(discover_cases(SHARED_DATA / "la_mri_2018")) == 24
+
+
+def test_photo_masks_follow_their_image_pixel_by_pixel_whatever_the_dpi(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((8, 10, 3), 100, np.uint8)).save(tmp_path / "images" / "p.jpg", dpi=(102, 102))
+    mask = np.zeros((8, 10), np.uint8)
+    mask[2:5, 3:7] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "p.png")
+    image, label = load_case(discover_cases(tmp_path)[0])
+    assert image.spacing[0] != 1.0, "the JPEG's DPI gives it a pixel spacing"
+    assert label.grid.same_as(image.grid, atol=0) and label.array.sum() == 12
