@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelError
 from ..geometry import Box, crop, paste, resample, resampled_grid, to_canonical
+from ..memory import check_fits
 from ..models.card import InferenceSpec, ModelCard
 from ..models.loading import LoadedModel
 from ..preprocessing import match_channels, normalize
@@ -137,6 +138,8 @@ class Predictor:
             changes["postprocess"] = tuple(changes["postprocess"])
         self.inference = InferenceSpec(**{**spec.__dict__, **changes})
         self.amp = amp
+        if self.card.dims == 2:  # channels-last convolutions are 10-20% faster for the 2D networks here
+            self.network = self.network.to(memory_format=torch.channels_last)
         self._logits = getattr(self.network, "predict_logits", self.network)
 
     # -- the network call -------------------------------------------------------------
@@ -178,7 +181,7 @@ class Predictor:
             ph, pw = (-h) % multiple, (-w) % multiple
             if ph or pw:
                 batch = F.pad(batch, (0, pw, 0, ph))
-            scores = self._scores(batch)[..., :h, :w]
+            scores = self._scores(batch.contiguous(memory_format=torch.channels_last))[..., :h, :w]
             if size is not None:
                 scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
             sink(start, stop, scores.permute(1, 0, 2, 3).cpu().numpy())
@@ -186,19 +189,47 @@ class Predictor:
         run_in_batches(depth, self.inference.batch_size, run_batch, progress, cancel, "segmenting", self._free_cache)
 
     # -- 3D: sliding windows -------------------------------------------------------------
-    def _run_windows(self, data: np.ndarray, sink, progress, cancel) -> None:  # noqa: ANN001
+    def _window(self, shape: tuple[int, int, int]) -> SlidingWindow:
         patch = self.card.input.patch_xyz
         assert patch is not None
-        spec = self.inference
-        stride = spec.stride_xyz
-        window = SlidingWindow(
-            data.shape[1:],
+        stride = self.inference.stride_xyz
+        return SlidingWindow(
+            shape,
             (patch[2], patch[1], patch[0]),
-            overlap=spec.overlap,
+            overlap=self.inference.overlap,
             stride=None if stride is None else (stride[2], stride[1], stride[0]),
-            blend=spec.blend,
+            blend=self.inference.blend,
         )
-        window.run(torch.from_numpy(data), self._scores, sink, spec.batch_size, progress, cancel, self._free_cache)
+
+    def _run_windows(self, data: np.ndarray, sink, progress, cancel, accumulator: torch.dtype) -> None:  # noqa: ANN001
+        window = self._window(data.shape[1:])
+        window.run(
+            torch.from_numpy(data),
+            self._scores,
+            sink,
+            self.inference.batch_size,
+            progress,
+            cancel,
+            self._free_cache,
+            accumulator,
+        )
+
+    def _check_memory(
+        self, volume: Volume, net_shape: tuple[int, int, int], keep_scores: bool, accumulator: torch.dtype
+    ) -> None:
+        """Refuse, before allocating, a job whose large arrays would not fit in free memory."""
+        voxels = float(np.prod(net_shape))
+        channels = self.card.output_channels
+        needed = voxels * self.card.input.channels * 4 + voxels + float(np.prod(volume.shape))  # data, labels, output
+        if keep_scores:
+            needed += voxels * channels * 4
+        if self.card.dims == 3:
+            needed += self._window(net_shape).buffer_bytes(channels, accumulator)
+        check_fits(
+            needed,
+            f"segmenting this {' x '.join(map(str, volume.shape[::-1]))} image",
+            "segment an ROI, use a lower-resolution copy, or a machine with more memory",
+        )
 
     # -- the whole job ------------------------------------------------------------------
     def predict(
@@ -222,16 +253,19 @@ class Predictor:
         validate_image(volume)
         work = crop(volume, roi) if roi is not None else volume
         canonical, transform = to_canonical(work)
-        data = normalize(match_channels(canonical.channel_first(), card.input.channels), card.input.normalization)
         net_grid: Grid = canonical.grid
         if card.input.spacing is not None and card.dims == 3:
             target = resampled_grid(canonical.grid, card.input.spacing)
             if not target.same_as(canonical.grid, atol=1e-6):
-                data = resample(data, canonical.grid, target, order=1)
                 net_grid = target
-        check_cancelled(cancel)
         resampled = net_grid is not canonical.grid
         keep_scores = scores or resampled
+        accumulator = torch.float32 if keep_scores else torch.float16
+        self._check_memory(volume, net_grid.shape, keep_scores, accumulator)
+        data = normalize(match_channels(canonical.channel_first(), card.input.channels), card.input.normalization)
+        if resampled:
+            data = resample(data, canonical.grid, net_grid, order=1)
+        check_cancelled(cancel)
         channels = card.output_channels
         label_dtype = np.uint8 if max(label.value for label in card.labels) <= 255 else np.uint16
         labels = np.zeros(net_grid.shape, dtype=label_dtype)
@@ -246,7 +280,7 @@ class Predictor:
         if card.dims == 2:
             self._run_slices(data, sink, progress, cancel)
         else:
-            self._run_windows(data, sink, progress, cancel)
+            self._run_windows(data, sink, progress, cancel, accumulator)
         check_cancelled(cancel)
         report(progress, 0, 1, "postprocessing")
         if resampled:

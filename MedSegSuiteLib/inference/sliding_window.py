@@ -127,6 +127,11 @@ class SlidingWindow:
     def __len__(self) -> int:
         return len(self.windows)
 
+    def buffer_bytes(self, channels: int, accumulator: torch.dtype = torch.float32) -> int:
+        """Bytes of the streaming buffers :meth:`run` holds for ``channels`` output channels."""
+        plane = self.roi[0] * self.padded[1] * self.padded[2]
+        return plane * (channels * torch.finfo(accumulator).bits // 8 + 4)
+
     def run(
         self,
         image: torch.Tensor,
@@ -136,12 +141,15 @@ class SlidingWindow:
         progress: Optional[ProgressCallback] = None,
         cancel=None,  # noqa: ANN001
         on_oom: Optional[Callable[[], None]] = None,
+        accumulator: torch.dtype = torch.float32,
     ) -> None:
         """Run ``infer`` over all windows of ``image`` (``[C, z, y, x]``, CPU) and stream the blended result.
 
         ``infer(batch[B, C, *roi]) -> scores[B, K, *roi]`` (float, any device).
         ``sink(z0, z1, scores[K, z1 - z0, y, x])`` receives consecutive, finished
         z-slabs of the blended scores on the unpadded grid, each exactly once, in order.
+        ``accumulator`` is the dtype of the running per-class sums: float16 halves the
+        largest buffer when only labels are needed (the weights stay float32).
         """
         (za, zb), (ya, yb), (xa, xb) = self.pad
         if any(self.pad[a] != (0, 0) for a in range(3)):
@@ -155,7 +163,7 @@ class SlidingWindow:
                 state["lo"] = max(lo, until)
                 return
             n = until - lo
-            averaged = scores[:, :n] / weights[:n].clamp_min(1e-12)
+            averaged = scores[:, :n].float() / weights[:n].clamp_min(1e-12)
             z0, z1 = max(lo - za, 0), min(until - za, self.shape[0])
             if z1 > z0:
                 part = averaged[:, z0 + za - lo : z1 + za - lo, ya : ya + self.shape[1], xa : xa + self.shape[2]]
@@ -176,13 +184,14 @@ class SlidingWindow:
                 if z > state["lo"]:
                     flush(z)
                 if state["scores"] is None:
-                    state["scores"] = torch.zeros(scores.shape[0], rz, *self.padded[1:])
-                state["scores"][
-                    :, z - state["lo"] : z - state["lo"] + rz, y : y + self.roi[1], x : x + self.roi[2]
-                ] += scores
-                state["weights"][z - state["lo"] : z - state["lo"] + rz, y : y + self.roi[1], x : x + self.roi[2]] += (
-                    self.weight
+                    state["scores"] = torch.zeros(scores.shape[0], rz, *self.padded[1:], dtype=accumulator)
+                region = (
+                    slice(z - state["lo"], z - state["lo"] + rz),
+                    slice(y, y + self.roi[1]),
+                    slice(x, x + self.roi[2]),
                 )
+                state["scores"][(slice(None), *region)] += scores.to(accumulator)
+                state["weights"][region] += self.weight
 
         run_in_batches(len(self), batch_size, run_batch, progress, cancel, "segmenting", on_oom)
         flush(self.padded[0])

@@ -161,6 +161,29 @@ def _check_nifti_complete(path: Path) -> None:
         raise InputError(f"{path} is truncated: its header describes {expected} bytes but it holds {size}")
 
 
+def _check_size(path: Path) -> None:
+    """Refuse, before reading the voxels, a file whose voxels would not fit in free memory."""
+    import SimpleITK as sitk
+
+    from ..memory import check_fits
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # the full read reports what is wrong with the file
+    voxels = float(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
+    bytes_per_value = np.dtype(
+        sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
+    ).itemsize
+    check_fits(
+        voxels * bytes_per_value,
+        f"reading {path.name} ({' x '.join(map(str, reader.GetSize()))} voxels)",
+        "crop or downsample it first, or use a machine with more memory",
+    )
+
+
 def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     """Read an image file or a DICOM series folder into a :class:`Volume`.
 
@@ -201,6 +224,7 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
             raise InputError(f"cannot read {path}: {error}") from None
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
+    _check_size(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:

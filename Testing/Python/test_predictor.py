@@ -179,3 +179,25 @@ def test_unavailable_device_is_refused(unet3d_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(InputError, match="'cuda' was requested but is not available"):
         Predictor(load_model(unet3d_dir), device="cuda")
+
+
+def test_huge_images_are_refused_before_allocation_with_the_memory_needed(predictor3d, ball, tmp_path, monkeypatch):
+    from MedSegSuiteLib import memory
+    from MedSegSuiteLib.errors import OutOfMemory
+    from MedSegSuiteLib.io import read_image, write_image
+
+    path = write_image(Volume(ball[0]), tmp_path / "ball.nrrd")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000)
+    with pytest.raises(OutOfMemory, match=r"reading ball.nrrd \(36 x 40 x 34 voxels\) needs about 191.2 kB"):
+        read_image(path)
+    with pytest.raises(
+        OutOfMemory, match=r"segmenting this 36 x 40 x 34 image needs about .* but only 97.7 kB is free"
+    ):
+        predictor3d.predict(Volume(ball[0]))
+
+
+def test_half_precision_accumulation_gives_the_labels_of_full_precision(predictor3d, ball):
+    volume = Volume(ball[0])
+    assert np.array_equal(
+        predictor3d.predict(volume).labels.array, predictor3d.predict(volume, scores=True).labels.array
+    )
