@@ -173,10 +173,14 @@ def _check_size(path: Path) -> None:
         reader.ReadImageInformation()
     except RuntimeError:
         return  # the full read reports what is wrong with the file
+    dimension = reader.GetDimension()
+    if dimension not in (2, 3):
+        raise InputError(
+            f"{path.name} is a {dimension}D image (size {reader.GetSize()}); only 2D and 3D images are supported"
+            + (": split time series or multi-volume files into 3D volumes first" if dimension > 3 else "")
+        )
     voxels = float(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
-    bytes_per_value = np.dtype(
-        sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
-    ).itemsize
+    bytes_per_value = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).dtype.itemsize
     check_fits(
         voxels * bytes_per_value,
         f"reading {path.name} ({' x '.join(map(str, reader.GetSize()))} voxels)",

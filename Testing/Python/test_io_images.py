@@ -122,6 +122,13 @@ def test_missing_unreadable_truncated_empty_and_unsupported_files(tmp_path, obli
         read_image(tmp_path / "notes.txt")
 
 
+def test_1d_image_is_refused_with_a_reason(tmp_path):
+    header = b"NRRD0004\ntype: float\ndimension: 1\nsizes: 10\nencoding: raw\nendian: little\n\n"
+    (tmp_path / "line.nrrd").write_bytes(header + np.arange(10, dtype=np.float32).tobytes())
+    with pytest.raises(InputError, match="line.nrrd is a 1D image"):
+        read_image(tmp_path / "line.nrrd")
+
+
 def test_4d_image_is_refused_with_a_reason(tmp_path):
     image = sitk.JoinSeries([sitk.Image([6, 5, 4], sitk.sitkFloat32)] * 3)
     assert image.GetDimension() == 4
