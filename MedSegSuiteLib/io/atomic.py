@@ -33,6 +33,13 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
 
 
+def _default_mode(directory: bool) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give under the current umask (temp files get 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -56,6 +63,7 @@ def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -77,6 +85,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
         for item in tmp.rglob("*"):
             if item.is_file():
                 _fsync(item)
+        os.chmod(tmp, _default_mode(directory=True))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -150,3 +150,14 @@ def test_writes_are_atomic_and_never_overwrite_unasked(tmp_path, oblique_volume)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nrrd"]
     with pytest.raises(InputError, match="does not exist"):
         write_image(oblique_volume, tmp_path / "no" / "such" / "dir.nrrd")
+
+
+def test_written_files_get_ordinary_permissions_not_temp_file_ones(tmp_path, oblique_volume):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_image(oblique_volume, tmp_path / "shared.nrrd")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
