@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,12 +95,11 @@ def _prepare(
     return np.ascontiguousarray(data), (np.ascontiguousarray(labels) if labels is not None else None)
 
 
-def _prepared(items: Sequence[Item], prepare, cancel) -> list:  # noqa: ANN001
-    out = []
+def _prepared(items: Sequence[Item], prepare, cancel) -> Iterator[tuple]:  # noqa: ANN001
+    """Prepared items one at a time, so only one full-resolution float copy exists at once."""
     for case_id, image, label in items:
         check_cancelled(cancel)
-        out.append((case_id, *prepare(image, label)))
-    return out
+        yield (case_id, *prepare(image, label))
 
 
 class SliceStore:
