@@ -106,6 +106,8 @@ class Predictor:
         overlap: 3D window overlap in [0, 1); default from the card.
         fast: use the card's ``inference.fast`` overrides (e.g. lower overlap).
         amp: autocast (bf16/fp16) on CUDA.
+        channels_last: switch a 2D network to channels-last memory format (10-20% faster);
+            this changes the network in place, so pass False for a network that is being trained.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class Predictor:
         overlap: Optional[float] = None,
         fast: bool = False,
         amp: bool = True,
+        channels_last: bool = True,
     ) -> None:
         self.card = model.card
         self.device = resolve_device(device)
@@ -138,7 +141,8 @@ class Predictor:
             changes["postprocess"] = tuple(changes["postprocess"])
         self.inference = InferenceSpec(**{**spec.__dict__, **changes})
         self.amp = amp
-        if self.card.dims == 2:  # channels-last convolutions are 10-20% faster for the 2D networks here
+        self.channels_last = channels_last and self.card.dims == 2
+        if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self._logits = getattr(self.network, "predict_logits", self.network)
 
@@ -181,7 +185,9 @@ class Predictor:
             ph, pw = (-h) % multiple, (-w) % multiple
             if ph or pw:
                 batch = F.pad(batch, (0, pw, 0, ph))
-            scores = self._scores(batch.contiguous(memory_format=torch.channels_last))[..., :h, :w]
+            scores = self._scores(batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch)[
+                ..., :h, :w
+            ]
             if size is not None:
                 scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
             sink(start, stop, scores.permute(1, 0, 2, 3).cpu().numpy())

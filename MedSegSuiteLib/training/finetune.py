@@ -169,7 +169,7 @@ def finetune_model(
     training = [labelled[int(i)] for i in order[held:]]
     validation = held_out or training
     report(progress, 0, 1, "measuring the parent")
-    before = evaluate_model(Predictor(parent, device=device), validation, cancel=cancel).mean()
+    before = evaluate_model(Predictor(parent, device=device, channels_last=False), validation, cancel=cancel).mean()
 
     values = [label.value for label in card.labels]
     normalization = card.input.normalization

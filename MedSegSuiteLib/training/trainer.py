@@ -118,7 +118,7 @@ class Trainer:
         network = self.recipe.network
         network.eval()
         try:
-            predictor = Predictor(LoadedModel(card, network), device=self.recipe.device)
+            predictor = Predictor(LoadedModel(card, network), device=self.recipe.device, channels_last=False)
             mean = evaluate_model(predictor, self.validation, cancel=cancel).mean()
             mean["per_label"] = {str(value): metrics for value, metrics in mean["per_label"].items()}
             return mean

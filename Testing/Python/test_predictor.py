@@ -201,3 +201,14 @@ def test_half_precision_accumulation_gives_the_labels_of_full_precision(predicto
     assert np.array_equal(
         predictor3d.predict(volume).labels.array, predictor3d.predict(volume, scores=True).labels.array
     )
+
+
+def test_a_network_in_training_keeps_its_memory_format_and_gives_the_same_labels(unet2d_dir):
+    image, _ = disc_image(48, (20, 26), 9, seed=5)
+    volume = Volume(image.astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    training = load_model(unet2d_dir)
+    kept = Predictor(training, device="cpu", channels_last=False).predict(volume)
+    weights = [p for p in training.network.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() for p in weights)
+    fast = Predictor(load_model(unet2d_dir), device="cpu").predict(volume)
+    np.testing.assert_array_equal(kept.labels.array, fast.labels.array)
