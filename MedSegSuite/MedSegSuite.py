@@ -75,12 +75,15 @@ class MedSegSuiteWidget(ScriptedLoadableModuleWidget):
 
 class MedSegSuiteTest(ScriptedLoadableModuleTest):
     """Drives the panel like a user: segment, cancel, survive a worker crash, reload the scene,
-    refine while keeping edits, undo, and export.
+    refine while keeping edits, undo, finetune (start, cancel, resume, segment with the new
+    model), and export.
 
-    The segmentation steps need a 3D model (bundled, else imported) and the refinement
-    steps a HiDiff model; without one, those steps are skipped with a message (set
-    MEDSEGSUITE_SELFTEST_REQUIRE_MODEL=1 / MEDSEGSUITE_SELFTEST_REQUIRE_REFINER=1 to make
-    that a failure). Exporting needs no model.
+    The segmentation steps need a 3D model (bundled, else imported), the refinement steps
+    a HiDiff model and the finetuning steps a small (lite) 3D model; without one, those
+    steps are skipped with a message (set MEDSEGSUITE_SELFTEST_REQUIRE_MODEL=1 /
+    MEDSEGSUITE_SELFTEST_REQUIRE_REFINER=1 / MEDSEGSUITE_SELFTEST_REQUIRE_FINETUNE=1 to
+    make that a failure). The finetuned model is removed from the user model folder
+    afterwards. Exporting needs no model.
     """
 
     def setUp(self):
@@ -111,6 +114,7 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
             self._killWorkerMidway(big, segmentation)
             self._checkSceneReload(volume, segmentation)
         self._refineKeepingEditsAndUndo()
+        self._finetuneCancelResumeAndSegment()
         self._export()
         self.delayDisplay("MedSegSuite self-test passed")
 
@@ -261,6 +265,80 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
         ui.undoRefineButton.click()
         self.assertTrue(np.array_equal(testing.segment_array(segmentation, segment_id, volume), edited))
         self.assertFalse(ui.undoRefineButton.isEnabled())
+
+    def _finetuneCancelResumeAndSegment(self):
+        import shutil
+        from pathlib import Path
+
+        from MedSegSuiteLib.slicer import testing
+
+        ui, logic = self.widget.ui, self.widget.logic
+        self.finetuned = None
+        parent = testing.pick_finetune_parent(self.widget.panel.entries)
+        if parent is None:
+            if os.environ.get("MEDSEGSUITE_SELFTEST_REQUIRE_FINETUNE"):
+                self.fail("no small (lite) 3D model to finetune is installed")
+            self.delayDisplay(
+                "No small (lite) 3D model installed: skipping the finetuning steps (import one to test them)."
+            )
+            return
+        self.delayDisplay(f"Finetuning {parent.card.name}: start, cancel, resume, then segment with the new model")
+        patch = tuple(reversed(parent.card.input.patch_xyz or (32, 32, 16)))
+        shape = tuple(max(n + 4, m) for n, m in zip(patch, (20, 36, 36)))
+        label = parent.card.labels[0].name
+        cases = [testing.add_faint_ball_case(f"Faint ball {i}", label, seed=i, shape=shape) for i in (1, 2)]
+        spare, _, _ = testing.add_faint_ball_case("Faint ball (unlabelled)", seed=3, shape=shape)
+        slicer.app.processEvents()  # the case lists follow the scene
+        ui.finetuneCollapsibleButton.setCollapsed(False)
+        ui.finetuneModelSelector.setCurrentIndex(ui.finetuneModelSelector.findData(parent.card.id))
+        testing.set_checked_items(ui.finetuneLabelledList, [segmentation.GetID() for _, segmentation, _ in cases])
+        testing.set_checked_items(ui.finetuneUnlabelledList, [spare.GetID()])
+        ui.finetuneIterationsSpinBox.setValue(10)
+        self.assertTrue(ui.finetuneStartButton.isEnabled(), ui.finetuneStartButton.property("toolTip"))
+
+        ui.finetuneStartButton.click()
+        testing.wait_until(lambda: (logic.status.stage == "training" and logic.status.done >= 2) or not logic.busy, 300)
+        self.assertTrue(logic.busy, f"the run ended before it could be cancelled: {logic.status.message}")
+        self.assertEqual(ui.finetuneStartButton.property("text"), "Cancel")
+        self.assertFalse(ui.finetuneResumeButton.isEnabled())
+        ui.finetuneStartButton.click()  # Cancel
+        self.assertTrue(testing.wait_until(lambda: not logic.busy, 300), "cancelling timed out")
+        self.assertEqual(logic.status.state, "cancelled", logic.status.message)
+        self.assertIn("click Resume to continue", ui.statusLabel.property("text"))
+        run = logic.unfinished_finetune(parent)
+        self.assertIsNotNone(run, "no checkpoint was kept")
+        self.assertTrue(ui.finetuneResumeButton.isEnabled(), ui.finetuneResumeButton.property("toolTip"))
+
+        self.delayDisplay(f"Resuming {run[0]}")
+        ui.finetuneResumeButton.click()
+        self.assertTrue(testing.wait_until(lambda: not logic.busy, 600), "finetuning timed out")
+        status = logic.status
+        self.assertEqual(status.state, "done", status.message)
+        new_id = status.info["model"]
+        self.finetuned = dict(status.info)
+        try:
+            self.assertEqual(new_id, run[0])
+            self.assertEqual(ui.modelSelector.itemData(ui.modelSelector.property("currentIndex")), new_id)
+            self.assertIn(f"Finetuned from {parent.card.id}", ui.modelInfoLabel.property("text"))
+            parameters = self.widget.panel.parameters
+            for table in (parameters.finetune_loss_table, parameters.finetune_validation_table):
+                self.assertGreater(table.GetTable().GetNumberOfRows(), 0, table.GetName())
+            loss = parameters.finetune_loss_table.GetTable()
+            self.assertEqual(loss.GetValue(loss.GetNumberOfRows() - 1, 0).ToDouble(), 10.0)
+
+            self.delayDisplay(f"Segmenting with {new_id}")
+            ui.inputVolumeSelector.setCurrentNode(cases[0][0])
+            ui.outputSegmentationSelector.setCurrentNode(None)
+            status = self._clickAndWait()
+            self.assertEqual(status.state, "done", status.message)
+            self.assertEqual(status.info.get("model"), new_id)
+            segmentation = slicer.mrmlScene.GetNodeByID(status.output_node_id)
+            self.assertIsNotNone(segmentation.GetSegmentation().GetSegment(label))
+            self.assertIn(new_id, segmentation.GetAttribute("MedSegSuite.model"))
+        finally:
+            for folder in (Path(self.finetuned["directory"]), Path(self.finetuned["directory"] + ".training")):
+                shutil.rmtree(folder, ignore_errors=True)  # the test's model leaves the user's folder
+            self.widget.refreshModels()
 
     def _export(self):
         import shutil

@@ -38,7 +38,7 @@ def _closest_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bo
     lexicographic order on ties).
     """
     weights = np.abs(np.asarray(direction))
-    perm = max(itertools.permutations(range(3)), key=lambda p: (round(sum(weights[a, p[a]] for a in range(3)), 12)))
+    perm = max(itertools.permutations(range(3)), key=lambda p: round(sum(weights[a, p[a]] for a in range(3)), 12))
     flip = tuple(bool(direction[a, perm[a]] < 0) for a in range(3))
     return tuple(perm), flip  # type: ignore[return-value]
 

@@ -548,9 +548,7 @@ class _DecoderV1(nn.Module):
         super().__init__()
         levels = [widths[3 - i] for i in range(4)]  # 384, 192, 96, 48
         targets = [widths[2 - i] for i in range(3)] + [widths[0]]  # 192, 96, 48, 48
-        self.upsample_layers = nn.ModuleList(
-            [nn.ConvTranspose3d(levels[i], targets[i], 2, stride=2) for i in range(4)]
-        )
+        self.upsample_layers = nn.ModuleList([nn.ConvTranspose3d(levels[i], targets[i], 2, stride=2) for i in range(4)])
         self.steps = nn.ModuleList([DFF(c) for c in levels])
         rates = _rates(depths[:4], drop_path_rate)
         self.stages = nn.ModuleList()

@@ -398,9 +398,7 @@ class CondResBlock(nn.Module):
         nn.init.zeros_(out_conv.weight)
         nn.init.zeros_(out_conv.bias)
         self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), out_conv)
-        self.skip_connection = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)

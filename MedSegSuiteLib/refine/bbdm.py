@@ -108,9 +108,7 @@ def labels_from_probabilities(prob: torch.Tensor, threshold: float = 0.5) -> tor
 def bernoulli_kl(q: torch.Tensor, p: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Elementwise ``KL(B(q) || B(p))`` in nats; ``p`` is clamped to ``[eps, 1-eps]``, ``0·log 0 = 0``."""
     p = p.clamp(eps, 1.0 - eps)
-    return (
-        torch.xlogy(q, q) - q * torch.log(p) + torch.xlogy(1.0 - q, 1.0 - q) - (1.0 - q) * torch.log1p(-p)
-    )
+    return torch.xlogy(q, q) - q * torch.log(p) + torch.xlogy(1.0 - q, 1.0 - q) - (1.0 - q) * torch.log1p(-p)
 
 
 class BernoulliSchedule:
@@ -487,8 +485,15 @@ class BBDM:
             y_start = self.start_state(prior, int(indices[0]), mask, generator)
             members.append(
                 self.sample(
-                    model_fn, prior, indices, y_start, sampler=sampler, keep=keep, reset_to=reset_to,
-                    generator=generator, callback=member_cb,
+                    model_fn,
+                    prior,
+                    indices,
+                    y_start,
+                    sampler=sampler,
+                    keep=keep,
+                    reset_to=reset_to,
+                    generator=generator,
+                    callback=member_cb,
                 )
             )
         stack = torch.stack(members, dim=0)

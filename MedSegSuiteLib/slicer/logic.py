@@ -6,6 +6,11 @@ timer; scripts can call :meth:`SegmentationLogic.wait`. Nothing in the scene cha
 until a job's result has arrived and been checked: a failed, cancelled or crashed job
 leaves the scene as it was. One job runs at a time.
 
+Finetuning (:meth:`SegmentationLogic.start_finetune`, see :mod:`.finetuning`) sends
+the chosen labelled cases as label maps in the parent's label values; its loss and
+validation records go to a :class:`~.finetuning.FinetuneCurve` as they arrive, and a
+finished run leaves a new model in the user model folder.
+
 Refinement (see :mod:`.refinement`) remembers the last AI result of every segment it
 or a segmentation wrote, so "keep my edits" can hold the voxels the user changed
 since, and keeps the segmentation as it was before each refinement for
@@ -21,12 +26,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import slicer
 
 from ..errors import InputError, MedSegSuiteError
 from ..worker.client import WorkerClient
+from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, parent_label_map
 from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
 from .segmentations import create_segmentation_node, place_next_to, segment_ids, segment_mask, write_labels
 from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, volume_from_node
@@ -52,9 +58,24 @@ _STAGE_TITLES = {
     "segmenting": "Segmenting",
     "postprocessing": "Finishing",
     "refining": "Refining",
+    "loading data": "Loading the cases",
+    "measuring the parent": "Measuring the starting model",
+    "training": "Finetuning",
+    "timing": "Timing iterations",
 }
-_JOB_TITLES = {"segment": "Segmentation", "refine": "Refinement"}
+_JOB_TITLES = {"segment": "Segmentation", "refine": "Refinement", "finetune": "Finetuning", "timing": "Timing"}
+FINETUNE_CANCEL_GRACE = 180.0  # seconds a cancelled finetuning may take to write its checkpoint
 REFINE_SCOPES = {"volume": "Whole volume", "slice": "Current axial slice (Red view)", "roi": "Region (ROI)"}
+
+
+def _case_id(node: Any, taken: set[str]) -> str:
+    """The node's name, made unique among ``taken`` (which it joins)."""
+    name = node.GetName() or node.GetID()
+    case_id, n = name, 2
+    while case_id in taken:
+        case_id, n = f"{name} ({n})", n + 1
+    taken.add(case_id)
+    return case_id
 
 
 def worker_python() -> str:
@@ -106,6 +127,15 @@ def describe_model(card: Any) -> str:
         f"Hardware: {escape(_resource_hint(card))}",
     ]
     metrics = [m for m in card.metrics if isinstance(m.get("value"), (int, float))]
+    if card.parent:
+        found = {m["name"]: m for m in metrics}
+        before, after = found.get("dice_before_finetuning"), found.get("dice")
+        line = f"Finetuned from {escape(card.parent)}"
+        if before is not None and after is not None:
+            split = (card.training or {}).get("finetune", {}).get("split") or before.get("split", "")
+            line += f": Dice {before['value']:.3f} before, {after['value']:.3f} after ({escape(str(split))})"
+        lines.append(line)
+        metrics = [m for m in metrics if m["name"] not in ("dice_before_finetuning", "dice")]
     if metrics:
         shown = ", ".join(f"{escape(str(m['name']))} {m['value']:.3g} ({escape(str(m['split']))})" for m in metrics[:3])
         lines.append(f"Measured: {shown}")
@@ -156,6 +186,7 @@ class _Task:
     kind: str = "segment"
     plan: Optional[RefinePlan] = None
     steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SegmentationLogic:
@@ -178,6 +209,8 @@ class SegmentationLogic:
         self.packages_missing = False
         self.ai_results = AIResults()
         self.undo_stack = UndoStack(undo_levels)
+        self.finetune_latest: dict[str, Any] = {}
+        self.finetune_timing: Optional[FinetuneTiming] = None
 
     # -- collaborators -----------------------------------------------------------------
     @property
@@ -224,7 +257,7 @@ class SegmentationLogic:
 
     @property
     def job_kind(self) -> str:
-        """The kind of the running job (``segment`` or ``refine``), "" when idle."""
+        """The kind of the running job (``segment``, ``refine``, ``finetune`` or ``timing``), "" when idle."""
         return self._task.kind if self._task is not None else ""
 
     # -- jobs --------------------------------------------------------------------------
@@ -417,6 +450,139 @@ class SegmentationLogic:
         masks = {sid: segment_mask(segmentation_node, sid, volume_node) for sid in segment_ids(segmentation_node)}
         self.ai_results.remember(segmentation_node, grid_from_node(volume_node), masks, replace=True)
 
+    # -- finetuning ------------------------------------------------------------------------
+    @staticmethod
+    def finetune_key(
+        parent: Any, pairs: Sequence[tuple[Any, Any]], unlabelled: Sequence[Any], folder: str, device: str
+    ) -> tuple:
+        """What a time estimate depends on: the parent, the cases (as sent), the folder and the device."""
+        card = parent.card if hasattr(parent, "card") else None
+        in_pairs = {volume.GetID() for _, volume in pairs}
+        return (
+            card.id if card is not None else str(parent),
+            tuple(segmentation.GetID() for segmentation, _ in pairs),
+            tuple(node.GetID() for node in unlabelled if node is not None and node.GetID() not in in_pairs),
+            str(folder or "").strip(),
+            device or "auto",
+        )
+
+    def start_finetune(
+        self,
+        parent: Union[str, Any],
+        pairs: Sequence[tuple[Any, Any]],
+        unlabelled_nodes: Sequence[Any] = (),
+        unlabelled_folder: str = "",
+        iterations: int = 200,
+        device: str = "auto",
+        resume: bool = False,
+        measure: int = 0,
+        curve: Optional[FinetuneCurve] = None,
+        held_out: Optional[int] = None,
+        seed: int = 0,
+    ) -> TaskStatus:
+        """Send a finetuning of ``parent`` to the worker (or, with ``measure`` > 0, a timing of it).
+
+        ``pairs`` are the labelled cases, ``(segmentation node, volume node)``; their
+        segments are matched to the parent's labels (see :func:`.finetuning.parent_label_map`)
+        and travel as label maps. ``unlabelled_nodes`` (volumes; those already in a pair
+        are skipped) and the images in ``unlabelled_folder`` are the unlabelled cases.
+        ``resume`` continues the newest unfinished run of the parent. ``curve`` receives
+        the loss and validation records (cleared first). Raises InputError (nothing is
+        sent) when a choice cannot work, e.g. a segment that matches no label of the parent.
+        """
+        if self._task is not None:
+            raise InputError("a job is already running: wait for it or cancel it")
+        entry = self._resolve(parent)
+        card = entry.card
+        pairs = [(segmentation, volume) for segmentation, volume in pairs]
+        if not pairs:
+            raise InputError("check at least one labelled case (a volume with its segmentation) to learn from")
+        if int(iterations) < 1:
+            raise InputError(f"iterations must be at least 1, got {iterations}")
+        folder = str(unlabelled_folder or "").strip()
+        if folder and not Path(folder).is_dir():
+            raise InputError(f"the unlabelled folder {folder} does not exist")
+        in_pairs = {volume.GetID() for _, volume in pairs}
+        extra = [node for node in unlabelled_nodes if node is not None and node.GetID() not in in_pairs]
+        for node in [volume for _, volume in pairs] + extra:
+            if card.dims == 3 and grid_from_node(node).shape[0] == 1:
+                raise InputError(f"{card.name} is a 3D model and {node.GetName()!r} is a single 2D image")
+        label_maps = [parent_label_map(segmentation, volume, card) for segmentation, volume in pairs]
+        if not any(labels.any() for labels in label_maps):
+            raise InputError("every checked segmentation is empty: paint the structures to learn first")
+        key = self.finetune_key(entry, pairs, extra, folder, device)
+        self._prune()
+        job_dir = self.client.new_job_dir()
+        try:
+            from ..io import write_image
+            from ..volume import Volume
+
+            names: set[str] = set()
+            labelled, unlabelled = [], []
+            for n, ((_, volume), labels) in enumerate(zip(pairs, label_maps), 1):
+                image = write_image(
+                    volume_from_node(volume, copy=False), job_dir / f"labelled-{n}.nrrd", compress=False
+                )
+                label = write_image(
+                    Volume.on_grid(labels, grid_from_node(volume)), job_dir / f"labelled-{n}-label.nrrd", compress=False
+                )
+                labelled.append({"id": _case_id(volume, names), "image": str(image), "label": str(label)})
+            for n, node in enumerate(extra, 1):
+                image = write_image(
+                    volume_from_node(node, copy=False), job_dir / f"unlabelled-{n}.nrrd", compress=False
+                )
+                unlabelled.append({"id": _case_id(node, names), "image": str(image)})
+            params: dict[str, Any] = {
+                "parent": str(entry.directory),
+                "labelled": labelled,
+                "unlabelled": unlabelled,
+                "iterations": int(iterations),
+                "device": device or "auto",
+                "resume": bool(resume),
+                "measure": int(measure),
+                "seed": int(seed),
+            }
+            if folder:
+                params["unlabelled_folder"] = folder
+            if held_out is not None:
+                params["held_out"] = int(held_out)
+            job = self.client.submit("finetune", params)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        kind = "timing" if measure else "finetune"
+        self._task = _Task(
+            job,
+            pairs[0][1].GetID(),
+            None,
+            entry,
+            job_dir,
+            time.monotonic(),
+            kind=kind,
+            extra={"iterations": int(iterations), "resume": bool(resume), "key": key, "curve": curve},
+        )
+        self.finetune_latest = {}
+        if curve is not None and not measure:
+            curve.clear()
+            curve.set_title(f"Finetuning {card.name}")
+            curve.show()
+        if measure:
+            text = f"Timing {card.name} on {len(pairs)} labelled case(s)..."
+        else:
+            text = f"{'Resuming' if resume else 'Starting'} to finetune {card.name} on {len(pairs)} labelled case(s)..."
+        self.status = TaskStatus("running", text, kind=kind)
+        return self.status
+
+    def unfinished_finetune(self, parent: Union[str, Any]) -> Optional[tuple[str, int]]:
+        """``(model id, last logged iteration)`` of a resumable finetuning of ``parent``, or None."""
+        from .finetuning import unfinished_run
+
+        card = parent.card if hasattr(parent, "card") else None
+        try:
+            return unfinished_run(card.id if card is not None else str(parent))
+        except ImportError:
+            return None
+
     def export(
         self,
         segmentation_node: Any,
@@ -457,7 +623,15 @@ class SegmentationLogic:
         if self._task is None:
             return
         self._task.cancel_requested = True
-        self.client.cancel(self._task.job)
+        client = self.client
+        if self._task.kind == "finetune":  # give the run time to write its checkpoint
+            grace, client.cancel_grace = client.cancel_grace, max(client.cancel_grace, FINETUNE_CANCEL_GRACE)
+            try:
+                client.cancel(self._task.job)
+            finally:
+                client.cancel_grace = grace
+        else:
+            client.cancel(self._task.job)
         self.status = TaskStatus(
             "running", "Cancelling...", self.status.stage, self.status.done, self.status.total, kind=self._task.kind
         )
@@ -475,25 +649,109 @@ class SegmentationLogic:
                 stage, done, total, unit = message["stage"], message["done"], message["total"], message.get("unit", "")
                 title = _STAGE_TITLES.get(stage, stage.capitalize())
                 text = f"{title}: {done} / {total} {unit}" if total > 1 else f"{title}..."
+                if task.kind == "finetune" and stage == "training":
+                    text += self._time_left(task, done, total)
                 if task.cancel_requested:
-                    text = "Cancelling..."
+                    text = "Cancelling..." if task.kind != "finetune" else "Cancelling (writing a checkpoint)..."
                 self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "", kind=task.kind)
+            elif kind == "log":
+                self._finetune_record(task, message.get("record") or {})
             elif kind == "result":
-                if task.cancel_requested:
+                if task.kind == "finetune":  # registered even when a cancel came too late
+                    self._finish(self._apply_finetune(task, message))
+                elif task.cancel_requested:
                     self._finish(self._cancelled())
+                elif task.kind == "timing":
+                    self._finish(self._apply_timing(task, message))
                 elif task.kind == "refine":
                     self._finish(self._apply_refinement(task, message))
                 else:
                     self._finish(self._apply(task, message))
             elif kind == "cancelled":
-                self._finish(self._cancelled())
+                self._finish(self._finetune_stopped(task, "") if task.kind == "finetune" else self._cancelled())
             elif kind == "error":
                 self._finish(
                     TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {message['message']}")
                 )
             elif kind == "died":
-                self._finish(TaskStatus("failed", message["message"][0].upper() + message["message"][1:] + "."))
+                text = message["message"][0].upper() + message["message"][1:] + "."
+                self._finish(
+                    self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text)
+                )
         return self.status
+
+    @staticmethod
+    def _time_left(task: _Task, done: int, total: int) -> str:
+        """The suffix ", about 3 min left" from the pace of this run so far (validations included), or ""."""
+        now = time.monotonic()
+        first = task.extra.setdefault("first_training", (done, now))
+        if done - first[0] < 2 or done >= total:
+            return ""
+        seconds = (now - first[1]) / (done - first[0]) * (total - done)
+        return f", about {describe_duration(seconds)} left"
+
+    def _finetune_record(self, task: _Task, record: dict[str, Any]) -> None:
+        if task.kind != "finetune" or not isinstance(record, dict):
+            return
+        if record.get("event") == "checkpoint":
+            task.extra["checkpoint"] = record
+            return
+        curve = task.extra.get("curve")
+        if curve is not None:
+            curve.add(record)
+        latest = self.finetune_latest
+        if isinstance(record.get("val_dice"), (int, float)):
+            latest.update(val_dice=float(record["val_dice"]), val_iteration=record.get("iteration"))
+        elif isinstance(record.get("loss"), (int, float)):
+            latest.update(loss=float(record["loss"]), iteration=record.get("iteration"))
+
+    def _finetune_stopped(self, task: _Task, crash: str) -> TaskStatus:
+        """Cancelled (``crash`` "") or crashed: say whether and where the run can be resumed."""
+        total = task.extra.get("iterations", 0)
+        checkpoint = task.extra.get("checkpoint")
+        found = None if checkpoint else self.unfinished_finetune(task.entry)
+        if checkpoint:
+            text = (
+                f"Finetuning cancelled at iteration {checkpoint.get('iteration')} of {total}; the checkpoint of "
+                f"{checkpoint.get('model')} is kept: click Resume to continue."
+            )
+        elif crash:
+            text = crash
+            if found:
+                text += f" The last checkpoint of {found[0]} (logged up to iteration {found[1]}) can be resumed."
+        else:
+            text = "Finetuning cancelled before training started; nothing was saved."
+        return TaskStatus("failed" if crash else "cancelled", text, info={"checkpoint": checkpoint or found})
+
+    def _apply_finetune(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
+        info = dict(message.get("info", {}))
+        card = task.entry.card
+        seconds = time.monotonic() - task.started
+        device = str(info.get("device", "?")).replace("cpu", "CPU")
+        text = f"Finetuned {card.name} into {info.get('model')} in {describe_duration(seconds)} on {device}"
+        before, after = info.get("dice_before"), info.get("dice_after")
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            text += f": Dice {before:.3f} \u2192 {after:.3f} ({info.get('split', '')})"
+        text += ". It is in the model list now; Segment uses it."
+        return TaskStatus("done", text, info=info)
+
+    def _apply_timing(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
+        from .finetuning import estimate_seconds
+
+        info = dict(message.get("info", {}))
+        try:
+            timing = FinetuneTiming.from_info(task.extra["key"], info)
+        except (KeyError, TypeError, ValueError):
+            return TaskStatus("failed", "Timing failed: the worker sent no timings.")
+        self.finetune_timing = timing
+        iterations = task.extra.get("iterations", 1)
+        device = timing.device.replace("cpu", "CPU")
+        text = (
+            f"Timed on {device}: {timing.per_iteration:.2f} s per iteration, about "
+            f"{describe_duration(timing.per_validation)} per validation; {iterations} iterations take about "
+            f"{describe_duration(estimate_seconds(timing, iterations))}."
+        )
+        return TaskStatus("done", text, info=info)
 
     @staticmethod
     def _cancelled() -> TaskStatus:

@@ -1,11 +1,12 @@
 """The MedSegSuite panel: binds ``Resources/UI/MedSegSuite.ui`` to the parameter node and the logic.
 
 The panel never waits: **Segment** (and **Refine** / **One step** in the Refine
-section) sends a job to the worker and starts a ``QTimer`` that polls the logic every
-100 ms, updating the progress bar and the status line shared by all sections; the
-clicked button becomes **Cancel** while the job runs. Choices live in the parameter
+section, **Start** / **Resume** / **Estimate time** in the Finetune section) sends a
+job to the worker and starts a ``QTimer`` that polls the logic every 100 ms,
+updating the progress bar and the status line shared by all sections; the clicked
+button becomes **Cancel** while the job runs. Choices live in the parameter
 node (:mod:`.parameters`), so they are saved with the scene and restored when it is
-loaded. The Refine and Export sections are controllers of their own
+loaded. The Refine, Finetune and Export sections are controllers of their own
 (:mod:`.sections`).
 
 Written for both PythonQt (3D Slicer) and PySide6 (the test harness): it uses setter
@@ -26,7 +27,7 @@ from slicer.util import VTKObservationMixin
 from ..errors import MedSegSuiteError
 from .logic import DEVICE_TITLES, SegmentationLogic, TaskStatus, describe_model
 from .parameters import Parameters, get_parameter_node
-from .sections import ExportSection, RefineSection
+from .sections import ExportSection, FinetuneSection, RefineSection
 
 __all__ = ["SegmentPanel"]
 
@@ -72,8 +73,11 @@ class SegmentPanel(VTKObservationMixin):
         ui.fastCheckBox.toggled.connect(self.update_parameter_node_from_gui)
         ui.segmentButton.clicked.connect(self.on_segment_clicked)
         self.refine = RefineSection(self)
+        self.finetune = FinetuneSection(self)
         self.export = ExportSection(self)
         scene = slicer.mrmlScene
+        self.addObserver(scene, scene.NodeAddedEvent, self._on_nodes_changed)
+        self.addObserver(scene, scene.NodeRemovedEvent, self._on_nodes_changed)
         self.addObserver(scene, scene.StartCloseEvent, self._on_scene_start_close)
         self.addObserver(scene, scene.EndCloseEvent, self._on_scene_changed)
         self.addObserver(scene, scene.EndImportEvent, self._on_scene_changed)
@@ -103,6 +107,7 @@ class SegmentPanel(VTKObservationMixin):
         if node is not None:
             self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._on_modified)
         self.update_gui_from_parameter_node()
+        self.finetune.schedule_refresh()
 
     def _on_modified(self, caller: Any = None, event: Any = None) -> None:
         self.update_gui_from_parameter_node()
@@ -134,6 +139,7 @@ class SegmentPanel(VTKObservationMixin):
             self.ui.deviceSelector.setCurrentIndex(index if index >= 0 else self.ui.deviceSelector.findData("auto"))
             self.ui.fastCheckBox.setChecked(p.fast)
             self.refine.update_gui(p)
+            self.finetune.update_gui(p)
             self.export.update_gui(p)
         finally:
             self._updating = False
@@ -157,6 +163,7 @@ class SegmentPanel(VTKObservationMixin):
                 p.device = device
             p.fast = self.ui.fastCheckBox.isChecked()
             self.refine.update_parameters(p)
+            self.finetune.update_parameters(p)
             self.export.update_parameters(p)
         finally:
             p.node.EndModify(was_modifying)
@@ -179,8 +186,10 @@ class SegmentPanel(VTKObservationMixin):
             self.ui.modelSelector.clear()
             for entry in self._entries:
                 card = entry.card
-                self.ui.modelSelector.addItem(f"{card.name} ({card.dims}D)", card.id)
+                title = f"{card.name}: {card.id}" if card.parent else card.name
+                self.ui.modelSelector.addItem(f"{title} ({card.dims}D)", card.id)
             self.refine.refresh(self._entries)
+            self.finetune.refresh(self._entries)
         finally:
             self._updating = False
         if self.parameters is not None:
@@ -265,6 +274,7 @@ class SegmentPanel(VTKObservationMixin):
             tip = "Choose an input volume and a model first."
         self.ui.segmentButton.setToolTip(tip)
         self.refine.update_enabled()
+        self.finetune.update_enabled()
         self.export.update_enabled()
 
     def ensure_dependencies(self) -> bool:
@@ -339,6 +349,8 @@ class SegmentPanel(VTKObservationMixin):
                 self.ui.outputSegmentationSelector.setCurrentNode(output)
                 if self.parameters is not None:
                     self.parameters.output_segmentation = output
+            if status.kind in ("finetune", "timing"):
+                self.finetune.job_ended(status)
             self.show_status(status)
             self._update_enabled()
         client = self.logic.client
@@ -358,6 +370,8 @@ class SegmentPanel(VTKObservationMixin):
 
     def show_status(self, status: TaskStatus) -> None:
         self.ui.statusLabel.setText(status.message)
+        if status.kind == "finetune":
+            self.finetune.show_latest()
         bar = self.ui.progressBar
         if status.running and status.total > 1:
             bar.setRange(0, status.total)
@@ -380,8 +394,13 @@ class SegmentPanel(VTKObservationMixin):
     def _on_scene_changed(self, caller: Any = None, event: Any = None) -> None:
         self.initialize_parameter_node()
 
+    def _on_nodes_changed(self, caller: Any = None, event: Any = None) -> None:
+        if not self._scene_busy():
+            self.finetune.schedule_refresh()
+
     def cleanup(self) -> None:
         """Stop polling and observing; the panel ignores its widgets from now on."""
         self.timer.stop()
+        self.finetune.cleanup()
         self.removeObservers()
         self.parameters = None

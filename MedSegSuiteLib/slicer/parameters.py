@@ -21,6 +21,11 @@ INPUT_VOLUME = "InputVolume"
 OUTPUT_SEGMENTATION = "OutputSegmentation"
 REGION = "Region"
 REFINE_REGION = "RefineRegion"
+FINETUNE_LABELLED = "FinetuneLabelled"  # segmentation nodes (several references)
+FINETUNE_UNLABELLED = "FinetuneUnlabelled"  # volume nodes (several references)
+FINETUNE_LOSS_TABLE = "FinetuneLossTable"
+FINETUNE_VALIDATION_TABLE = "FinetuneValidationTable"
+FINETUNE_CHART = "FinetuneChart"
 # string parameters and their defaults
 MODEL = "Model"
 DEVICE = "Device"
@@ -32,6 +37,9 @@ KEEP_EDITS = "KeepEdits"
 EXPORT_FORMAT = "ExportFormat"
 EXPORT_PATH = "ExportPath"
 EXPORT_OVERWRITE = "ExportOverwrite"
+FINETUNE_MODEL = "FinetuneModel"
+FINETUNE_ITERATIONS = "FinetuneIterations"
+FINETUNE_FOLDER = "FinetuneUnlabelledFolder"
 DEFAULTS = {
     MODEL: "",
     DEVICE: "auto",
@@ -43,6 +51,9 @@ DEFAULTS = {
     EXPORT_FORMAT: "seg.nrrd",
     EXPORT_PATH: "",
     EXPORT_OVERWRITE: "false",
+    FINETUNE_MODEL: "",
+    FINETUNE_ITERATIONS: "200",
+    FINETUNE_FOLDER: "",
 }
 
 
@@ -77,6 +88,21 @@ class Parameters:
 
     def _set_ref(self, role: str, value: Optional[Any]) -> None:
         self.node.SetNodeReferenceID(role, value.GetID() if value is not None else None)
+
+    def _refs(self, role: str) -> list[Any]:
+        nodes = (self.node.GetNthNodeReference(role, n) for n in range(self.node.GetNumberOfNodeReferences(role)))
+        return [node for node in nodes if node is not None]
+
+    def _set_refs(self, role: str, values: list[Any]) -> None:
+        if [node.GetID() for node in self._refs(role)] == [node.GetID() for node in values]:
+            return
+        was_modifying = self.node.StartModify()
+        try:
+            self.node.RemoveNodeReferenceIDs(role)
+            for value in values:
+                self.node.AddNodeReferenceID(role, value.GetID())
+        finally:
+            self.node.EndModify(was_modifying)
 
     @property
     def input_volume(self) -> Optional[Any]:
@@ -192,3 +218,74 @@ class Parameters:
     @export_overwrite.setter
     def export_overwrite(self, value: bool) -> None:
         self.node.SetParameter(EXPORT_OVERWRITE, "true" if value else "false")
+
+    @property
+    def finetune_model_id(self) -> str:
+        """The model finetuning starts from ("" until chosen)."""
+        return self.node.GetParameter(FINETUNE_MODEL)
+
+    @finetune_model_id.setter
+    def finetune_model_id(self, value: str) -> None:
+        self.node.SetParameter(FINETUNE_MODEL, value or "")
+
+    @property
+    def finetune_iterations(self) -> int:
+        try:
+            return max(1, int(self.node.GetParameter(FINETUNE_ITERATIONS)))
+        except ValueError:
+            return int(DEFAULTS[FINETUNE_ITERATIONS])
+
+    @finetune_iterations.setter
+    def finetune_iterations(self, value: int) -> None:
+        self.node.SetParameter(FINETUNE_ITERATIONS, str(int(value)))
+
+    @property
+    def finetune_folder(self) -> str:
+        """An optional folder of more unlabelled images."""
+        return self.node.GetParameter(FINETUNE_FOLDER)
+
+    @finetune_folder.setter
+    def finetune_folder(self, value: str) -> None:
+        self.node.SetParameter(FINETUNE_FOLDER, value or "")
+
+    @property
+    def finetune_labelled(self) -> list[Any]:
+        """The checked labelled cases (segmentation nodes; each brings its reference volume)."""
+        return self._refs(FINETUNE_LABELLED)
+
+    @finetune_labelled.setter
+    def finetune_labelled(self, values: list[Any]) -> None:
+        self._set_refs(FINETUNE_LABELLED, list(values))
+
+    @property
+    def finetune_unlabelled(self) -> list[Any]:
+        """The checked unlabelled volume nodes."""
+        return self._refs(FINETUNE_UNLABELLED)
+
+    @finetune_unlabelled.setter
+    def finetune_unlabelled(self, values: list[Any]) -> None:
+        self._set_refs(FINETUNE_UNLABELLED, list(values))
+
+    @property
+    def finetune_loss_table(self) -> Optional[Any]:
+        return self._ref(FINETUNE_LOSS_TABLE)
+
+    @finetune_loss_table.setter
+    def finetune_loss_table(self, value: Optional[Any]) -> None:
+        self._set_ref(FINETUNE_LOSS_TABLE, value)
+
+    @property
+    def finetune_validation_table(self) -> Optional[Any]:
+        return self._ref(FINETUNE_VALIDATION_TABLE)
+
+    @finetune_validation_table.setter
+    def finetune_validation_table(self, value: Optional[Any]) -> None:
+        self._set_ref(FINETUNE_VALIDATION_TABLE, value)
+
+    @property
+    def finetune_chart(self) -> Optional[Any]:
+        return self._ref(FINETUNE_CHART)
+
+    @finetune_chart.setter
+    def finetune_chart(self, value: Optional[Any]) -> None:
+        self._set_ref(FINETUNE_CHART, value)

@@ -1,4 +1,4 @@
-"""The Refine and Export sections of the MedSegSuite panel (controllers used by :class:`.panel.SegmentPanel`).
+"""The Refine, Finetune and Export sections of the MedSegSuite panel (controllers used by :class:`.panel.SegmentPanel`).
 
 Each section binds its widgets of ``Resources/UI/MedSegSuite.ui`` to the parameter
 node and the logic, and reports through the panel's status line. The panel calls
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .panel import SegmentPanel
     from .parameters import Parameters
 
-__all__ = ["ExportSection", "RefineSection"]
+__all__ = ["ExportSection", "FinetuneSection", "RefineSection"]
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +339,405 @@ class ExportSection:
             panel.ui.statusLabel.setText(status.message)
         else:
             panel.show_status(status)
+
+
+class FinetuneSection:
+    """Starting model, labelled cases, unlabelled volumes and folder, iterations with a time estimate,
+    **Start** (Cancel while running), **Resume**, the latest loss and the loss / validation Dice curve.
+
+    The labelled cases are the scene's segmentations that have a reference volume,
+    listed with it and checked by the user; the checks are node references of the
+    parameter node. Runs go to the worker (:meth:`.logic.SegmentationLogic.start_finetune`);
+    a finished run's model is added to the model lists and chosen for **Segment**.
+    """
+
+    TIMED_ITERATIONS = 3
+
+    def __init__(self, panel: SegmentPanel) -> None:
+        import qt
+
+        self.panel = panel
+        self.ui = ui = panel.ui
+        self._entries: list[Any] = []
+        self._filling = False
+        self._refresh_timer = qt.QTimer()
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(0)
+        self._refresh_timer.timeout.connect(self.refresh_cases)
+        ui.finetuneModelSelector.currentIndexChanged.connect(self._on_model_changed)
+        ui.finetuneLabelledList.itemChanged.connect(self._on_checks_changed)
+        ui.finetuneUnlabelledList.itemChanged.connect(self._on_checks_changed)
+        ui.finetuneFolderLineEdit.textChanged.connect(self._on_changed)
+        ui.finetuneIterationsSpinBox.valueChanged.connect(self._on_changed)
+        ui.finetuneFolderBrowseButton.clicked.connect(self.on_browse_clicked)
+        ui.finetuneEstimateButton.clicked.connect(self.on_estimate_clicked)
+        ui.finetuneStartButton.clicked.connect(self.on_start_clicked)
+        ui.finetuneResumeButton.clicked.connect(self.on_resume_clicked)
+        ui.finetuneCollapsibleButton.contentsCollapsed.connect(self._on_collapsed)
+
+    # -- models ----------------------------------------------------------------------------
+    def refresh(self, entries: list[Any]) -> None:
+        """List the installed models as starting points."""
+        self._entries = list(entries)
+        selector = self.ui.finetuneModelSelector
+        selector.blockSignals(True)
+        try:
+            selector.clear()
+            for entry in self._entries:
+                card = entry.card
+                selector.addItem(f"{card.name}: {card.id}" if card.parent else card.name, card.id)
+        finally:
+            selector.blockSignals(False)
+        self._update_model_tip()
+
+    def current_entry(self) -> Optional[Any]:
+        index = self.ui.finetuneModelSelector.property("currentIndex")
+        return self._entries[index] if index is not None and 0 <= index < len(self._entries) else None
+
+    def _update_model_tip(self) -> None:
+        entry = self.current_entry()
+        if entry is None:
+            tip = "No model is installed: import one with medsegsuite models import FILE."
+        else:
+            labels = ", ".join(label.name for label in entry.card.labels)
+            tip = (
+                f"{entry.card.name} is never changed: the result is a new model {entry.card.id}-ft-<n>. "
+                f"Its labels: {labels} (segments are matched to them by name)."
+            )
+        self.ui.finetuneModelSelector.setToolTip(tip)
+
+    # -- cases -----------------------------------------------------------------------------
+    def schedule_refresh(self) -> None:
+        """List the scene's cases again once the current event is handled (nodes are often set up after adding)."""
+        self._refresh_timer.start()
+
+    def refresh_cases(self) -> None:
+        """Rebuild the labelled and unlabelled lists from the scene, checked as the parameter node says."""
+        import qt
+
+        from .finetuning import candidate_pairs
+
+        p = self.panel.parameters
+        scene = slicer.mrmlScene
+        if scene.IsImporting() or scene.IsClosing() or scene.IsBatchProcessing():
+            return
+        checked = {node.GetID() for node in (p.finetune_labelled if p is not None else [])}
+        checked_volumes = {node.GetID() for node in (p.finetune_unlabelled if p is not None else [])}
+        entry = self.current_entry()
+        volumes = [
+            node
+            for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+            for node in slicer.util.getNodesByClass(cls)
+            if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetHideFromEditors()
+        ]
+        self._filling = True
+        try:
+            for widget, rows in (
+                (self.ui.finetuneLabelledList, [self._pair_row(s, v, entry, checked) for s, v in candidate_pairs()]),
+                (
+                    self.ui.finetuneUnlabelledList,
+                    [(node.GetID(), node.GetName(), "", node.GetID() in checked_volumes) for node in volumes],
+                ),
+            ):
+                widget.blockSignals(True)
+                try:
+                    widget.clear()
+                    for node_id, text, tip, on in rows:
+                        item = qt.QListWidgetItem(text)
+                        item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                        item.setCheckState(qt.Qt.Checked if on else qt.Qt.Unchecked)
+                        item.setData(qt.Qt.UserRole, node_id)
+                        if tip:
+                            item.setToolTip(tip)
+                        widget.addItem(item)
+                finally:
+                    widget.blockSignals(False)
+        finally:
+            self._filling = False
+        self.update_enabled()
+
+    @staticmethod
+    def _pair_row(segmentation: Any, volume: Any, entry: Optional[Any], checked: set) -> tuple[str, str, str, bool]:
+        from .refinement import match_segments
+
+        text = f"{volume.GetName()} + {segmentation.GetName()}"
+        tip = f"Segmentation {segmentation.GetName()!r} on volume {volume.GetName()!r}."
+        if entry is not None:
+            matches, unknown = match_segments(segmentation, entry.card)
+            if unknown or not matches:
+                text += "  (labels do not match)"
+                tip += " Not usable with " + entry.card.name + ": " + ("; ".join(unknown) or "it has no segments") + "."
+            else:
+                tip += " Segments: " + ", ".join(f"{m.name} \u2192 {m.label.name}" for m in matches) + "."
+        return segmentation.GetID(), text, tip, segmentation.GetID() in checked
+
+    @staticmethod
+    def _checked_ids(widget: Any) -> list[str]:
+        import qt
+
+        ids = []
+        for row in range(int(widget.property("count"))):
+            item = widget.item(row)
+            if item.checkState() == qt.Qt.Checked:
+                ids.append(str(item.data(qt.Qt.UserRole)))
+        return ids
+
+    def _on_checks_changed(self, *args: Any) -> None:
+        p = self.panel.parameters
+        if self._filling or p is None or self.panel.updating:
+            return
+        scene = slicer.mrmlScene
+        was_modifying = p.node.StartModify()
+        try:
+            p.finetune_labelled = [scene.GetNodeByID(i) for i in self._checked_ids(self.ui.finetuneLabelledList)]
+            p.finetune_unlabelled = [scene.GetNodeByID(i) for i in self._checked_ids(self.ui.finetuneUnlabelledList)]
+        finally:
+            p.node.EndModify(was_modifying)
+        self.update_enabled()
+
+    def _sync_checks(self, p: Parameters) -> None:
+        import qt
+
+        for widget, nodes in (
+            (self.ui.finetuneLabelledList, p.finetune_labelled),
+            (self.ui.finetuneUnlabelledList, p.finetune_unlabelled),
+        ):
+            wanted = {node.GetID() for node in nodes}
+            widget.blockSignals(True)
+            try:
+                for row in range(int(widget.property("count"))):
+                    item = widget.item(row)
+                    on = str(item.data(qt.Qt.UserRole)) in wanted
+                    item.setCheckState(qt.Qt.Checked if on else qt.Qt.Unchecked)
+            finally:
+                widget.blockSignals(False)
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        """The checked labelled cases as ``(segmentation, reference volume)``."""
+        from .finetuning import reference_volume
+
+        p = self.panel.parameters
+        found = [(node, reference_volume(node)) for node in (p.finetune_labelled if p is not None else [])]
+        return [(segmentation, volume) for segmentation, volume in found if volume is not None]
+
+    def unlabelled(self) -> list[Any]:
+        p = self.panel.parameters
+        return list(p.finetune_unlabelled) if p is not None else []
+
+    def folder(self) -> str:
+        return str(self.ui.finetuneFolderLineEdit.property("text") or "").strip()
+
+    def iterations(self) -> int:
+        return int(self.ui.finetuneIterationsSpinBox.property("value"))
+
+    # -- parameter node --------------------------------------------------------------------
+    def update_gui(self, p: Parameters) -> None:
+        ui = self.ui
+        index = ui.finetuneModelSelector.findData(p.finetune_model_id or p.model_id)
+        if index >= 0:
+            ui.finetuneModelSelector.setCurrentIndex(index)
+        ui.finetuneIterationsSpinBox.setValue(p.finetune_iterations)
+        if self.folder() != p.finetune_folder:
+            ui.finetuneFolderLineEdit.setText(p.finetune_folder)
+        self._sync_checks(p)
+        self._update_model_tip()
+
+    def update_parameters(self, p: Parameters) -> None:
+        entry = self.current_entry()
+        if entry is not None:
+            p.finetune_model_id = entry.card.id
+        p.finetune_iterations = self.iterations()
+        p.finetune_folder = self.folder()
+
+    def _on_changed(self, *args: Any) -> None:
+        self.panel.update_parameter_node_from_gui()
+        self.update_enabled()
+
+    def _on_model_changed(self, *args: Any) -> None:
+        self._update_model_tip()
+        self._on_changed()
+        self.schedule_refresh()  # the lists say which segmentations match the model's labels
+
+    def _on_collapsed(self, collapsed: bool) -> None:
+        if not collapsed:
+            self.refresh_cases()
+
+    # -- state -----------------------------------------------------------------------------
+    def _why_not(self) -> str:
+        if self.current_entry() is None:
+            return "Install a model to finetune."
+        if not self.pairs():
+            return "Check at least one labelled case (a volume with its segmentation) to learn from."
+        return ""
+
+    def _device(self) -> str:
+        p = self.panel.parameters
+        return p.device if p is not None else "auto"
+
+    def update_enabled(self) -> None:
+        ui, logic = self.ui, self.panel.logic
+        running = logic.busy
+        finetuning = running and logic.job_kind == "finetune"
+        timing = running and logic.job_kind == "timing"
+        for widget in (
+            ui.finetuneModelSelector,
+            ui.finetuneLabelledList,
+            ui.finetuneUnlabelledList,
+            ui.finetuneFolderLineEdit,
+            ui.finetuneFolderBrowseButton,
+            ui.finetuneIterationsSpinBox,
+        ):
+            widget.setEnabled(not running)
+        problem = self._why_not()
+        ready = not running and not problem
+        ui.finetuneStartButton.setEnabled(ready or finetuning)
+        ui.finetuneStartButton.setText("Cancel" if finetuning else "Start")
+        if finetuning:
+            tip = "Stop the run; its last checkpoint is kept, so Resume can continue it."
+        elif running:
+            tip = "Wait for the running job to end."
+        else:
+            tip = problem or "Finetune a new model on the checked cases (in the background)."
+        ui.finetuneStartButton.setToolTip(tip)
+        entry = self.current_entry()
+        unfinished = logic.unfinished_finetune(entry) if entry is not None and not running else None
+        ui.finetuneResumeButton.setEnabled(ready and unfinished is not None)
+        if unfinished is not None:
+            tip = (
+                f"Continue the unfinished run {unfinished[0]} (logged up to iteration {unfinished[1]}) on the checked "
+                "cases, up to the chosen number of iterations."
+            )
+        else:
+            tip = "Nothing to resume: no unfinished finetuning of this model."
+        ui.finetuneResumeButton.setToolTip(problem if problem and unfinished is not None else tip)
+        ui.finetuneEstimateButton.setEnabled(ready or timing)
+        ui.finetuneEstimateButton.setText("Cancel" if timing else "Estimate time")
+        ui.finetuneEstimateButton.setToolTip(
+            "Stop timing."
+            if timing
+            else problem
+            or f"Time {self.TIMED_ITERATIONS} iterations (after a warm-up one) on the checked cases in the background."
+        )
+        self.update_estimate()
+
+    def update_estimate(self) -> None:
+        """Show the expected duration of a run for the chosen iterations, from the last timing of this choice."""
+        from .finetuning import describe_duration, estimate_seconds
+
+        logic = self.panel.logic
+        timing = logic.finetune_timing
+        entry = self.current_entry()
+        pairs = self.pairs()
+        if entry is None or not pairs:
+            text = ""
+        elif timing is None:
+            text = "No time estimate yet: click Estimate time to time a few iterations on these cases."
+        elif timing.key != logic.finetune_key(entry, pairs, self.unlabelled(), self.folder(), self._device()):
+            text = "The last timing was for another model, other cases or device: click Estimate time again."
+        else:
+            device = timing.device.replace("cpu", "CPU")
+            text = (
+                f"About {describe_duration(estimate_seconds(timing, self.iterations()))} on {device} "
+                f"(timed in the worker on these cases: {timing.per_iteration:.2f} s per iteration, "
+                f"up to {describe_duration(timing.per_validation)} per validation)."
+            )
+        self.ui.finetuneEstimateLabel.setText(text)
+
+    def show_latest(self) -> None:
+        """Show the latest loss and validation Dice of the current (or last) run."""
+        latest = self.panel.logic.finetune_latest
+        parts = []
+        if "loss" in latest:
+            parts.append(f"Loss {latest['loss']:.4f} at iteration {latest.get('iteration')}")
+        if "val_dice" in latest:
+            parts.append(f"validation Dice {latest['val_dice']:.3f} at iteration {latest.get('val_iteration')}")
+        self.ui.finetuneLossLabel.setText("; ".join(parts))
+
+    # -- actions ---------------------------------------------------------------------------
+    def _curve(self) -> Any:
+        from .finetuning import FinetuneCurve
+
+        p = self.panel.parameters
+        if p is None:
+            return None
+        tables = (p.finetune_loss_table, p.finetune_validation_table, p.finetune_chart)
+        if FinetuneCurve.usable(*tables):
+            return FinetuneCurve(*tables)
+        curve = FinetuneCurve.create(slicer.mrmlScene, "MedSegSuite finetuning")
+        was_modifying = p.node.StartModify()
+        try:
+            p.finetune_loss_table = curve.loss_table
+            p.finetune_validation_table = curve.validation_table
+            p.finetune_chart = curve.chart
+        finally:
+            p.node.EndModify(was_modifying)
+        return curve
+
+    def on_start_clicked(self) -> None:
+        """Start a new run, or cancel the running one."""
+        logic = self.panel.logic
+        if logic.busy:
+            if logic.job_kind == "finetune":
+                logic.cancel()
+                self.panel.show_status(logic.status)
+            return
+        self.start()
+
+    def on_resume_clicked(self) -> None:
+        if not self.panel.logic.busy:
+            self.start(resume=True)
+
+    def on_estimate_clicked(self) -> None:
+        logic = self.panel.logic
+        if logic.busy:
+            if logic.job_kind == "timing":
+                logic.cancel()
+                self.panel.show_status(logic.status)
+            return
+        self.start(measure=self.TIMED_ITERATIONS)
+
+    def start(self, resume: bool = False, measure: int = 0) -> None:
+        """Send a finetuning (``resume``: continue the unfinished one; ``measure``: only time it) to the worker."""
+        panel = self.panel
+        if not panel.ensure_dependencies():
+            return
+        problem = self._why_not()
+        if problem:
+            panel.show_status(TaskStatus("idle", problem))
+            return
+        try:
+            status = panel.logic.start_finetune(
+                self.current_entry(),
+                self.pairs(),
+                self.unlabelled(),
+                self.folder(),
+                iterations=self.iterations(),
+                device=self._device(),
+                resume=resume,
+                measure=measure,
+                curve=None if measure else self._curve(),
+            )
+        except (MedSegSuiteError, OSError) as error:
+            panel.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
+            return
+        panel.job_started(status)
+
+    def job_ended(self, status: TaskStatus) -> None:
+        """A finetuning or timing ended: list a new model and choose it for Segment."""
+        if status.kind == "finetune":
+            self.panel.refresh_models()
+            new = status.info.get("model") if status.state == "done" else None
+            if new and self.panel.parameters is not None and self.ui.modelSelector.findData(new) >= 0:
+                self.panel.parameters.model_id = new
+        self.show_latest()
+        self.update_enabled()
+
+    def on_browse_clicked(self) -> None:
+        import qt
+
+        chosen = qt.QFileDialog.getExistingDirectory(None, "Folder of unlabelled images", self.folder())
+        if chosen:
+            self.ui.finetuneFolderLineEdit.setText(str(chosen))
+
+    def cleanup(self) -> None:
+        self._refresh_timer.stop()

@@ -22,13 +22,16 @@ from .volumes import add_volume_node
 __all__ = [
     "add_ball_volume",
     "add_disc_stack_volume",
+    "add_faint_ball_case",
     "add_painted_segmentation",
     "dice",
     "pick_3d_model",
+    "pick_finetune_parent",
     "pick_refiner",
     "reference_geometry_matches",
     "save_and_reload_scene",
     "segment_array",
+    "set_checked_items",
     "wait_until",
 ]
 
@@ -114,6 +117,71 @@ def add_painted_segmentation(
             np.asarray(mask, dtype=np.uint8), node, segment_id, volume_node
         )
     return node
+
+
+def add_faint_ball_case(
+    name: str,
+    label_name: Optional[str] = None,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (20, 36, 36),
+    radius: float = 4.5,
+) -> tuple[Any, Optional[Any], np.ndarray]:
+    """Add a volume with a faint ball (the structure) beside a bright one (a distractor); returns
+    ``(volume node, segmentation node or None, faint ball mask [k, j, i])``.
+
+    A model that finds bright balls marks the wrong one, so finetuning has something to
+    learn. Intensities: about 100 +- 10 background, 140 faint ball, 180 bright ball.
+    With ``label_name`` the faint ball is painted as a segment of that name (a labelled
+    case); the grid is axis-aligned with 1 x 1 x 1.5 mm voxels.
+    """
+    rng = np.random.default_rng(seed)
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    depth, rows, cols = shape
+    margin = radius + 1.5
+    faint_centre = (
+        rng.uniform(margin, depth - margin),
+        rng.uniform(margin, rows / 2),
+        rng.uniform(margin, cols - margin),
+    )
+    bright_centre = (
+        rng.uniform(margin, depth - margin),
+        rng.uniform(rows / 2 + 1.5, rows - margin),
+        rng.uniform(margin, cols - margin),
+    )
+
+    def ball(centre: tuple[float, float, float]) -> np.ndarray:
+        return (kk - centre[0]) ** 2 + (jj - centre[1]) ** 2 + (ii - centre[2]) ** 2 <= radius**2
+
+    faint, bright = ball(faint_centre), ball(bright_centre) & ~ball(faint_centre)
+    image = 100.0 + 10.0 * rng.standard_normal(shape) + 40.0 * faint + 80.0 * bright
+    node = add_volume_node(Volume(image.astype(np.float32), (1.0, 1.0, 1.5), (-10.0, 5.0, 0.0)), name)
+    mask = faint.astype(np.uint8)
+    segmentation = None
+    if label_name:
+        segmentation = add_painted_segmentation(node, {label_name: (mask, (230, 60, 40))}, name=f"{name} segmentation")
+    return node, segmentation, mask
+
+
+def pick_finetune_parent(entries: list[Any]) -> Optional[Any]:
+    """A small (``lite``) 3D model to finetune in a self-test (smallest patch, bundled first on a tie), or None."""
+    small = [entry for entry in entries if entry.card.dims == 3 and str(entry.card.preset).lower() == "lite"]
+    if not small:
+        return None
+
+    def size(entry: Any) -> tuple[int, int]:
+        patch = entry.card.input.patch_xyz or (64, 64, 64)
+        return int(np.prod(patch)), 0 if entry.source == "bundled" else 1
+
+    return min(small, key=size)
+
+
+def set_checked_items(list_widget: Any, data: list[str]) -> None:
+    """Check the items of a checkable ``QListWidget`` whose user data is in ``data``, uncheck the others."""
+    import qt
+
+    for row in range(int(list_widget.property("count"))):
+        item = list_widget.item(row)
+        item.setCheckState(qt.Qt.Checked if str(item.data(qt.Qt.UserRole)) in data else qt.Qt.Unchecked)
 
 
 def pick_refiner(entries: list[Any]) -> Optional[Any]:

@@ -33,8 +33,33 @@ Job kinds (:func:`default_handlers`):
     that differ from the mask), ``kept`` (voxels held by ``keep``), ``labels_present``
     and timings.
 
-More kinds (``finetune``) register here: they share :class:`ModelCache` through the
-context, so a refinement step reuses the model that is already warm.
+``finetune``
+    Semi-supervised finetuning (:func:`~MedSegSuiteLib.training.finetune.finetune_model`):
+    a new model ``<parent id>-ft-<n>`` is registered in the user model folder; the
+    parent never changes. ``params``: ``parent`` (model folder or id), ``labelled``
+    (list of ``{"id", "image", "label"}``: image files and label maps on the same grid
+    in the parent's label values), ``unlabelled`` (list of ``{"id", "image"}``, may be
+    empty), ``unlabelled_folder`` (optional folder of more unlabelled images),
+    ``iterations`` (default 200), ``device``, ``held_out`` (labelled cases kept for the
+    before/after Dice; default as the library's), ``seed``, ``batch_size``, ``lr``
+    (defaults from the parent's recipe), ``resume`` (bool: continue the newest
+    unfinished run of this parent from its checkpoint; its earlier records are sent
+    again first, marked ``"replayed": true``) and ``measure`` (int, default 0: with
+    ``n`` > 0 nothing is trained or registered; the job times ``n`` iterations after
+    a first, warm-up one on this data and device). Labels are checked against the
+    parent's label table before anything else. Progress stages: ``loading data``
+    (cases), ``measuring the parent``, ``training`` (iterations; ``timing`` when
+    measuring). ``log`` records: ``{"iteration", "loss", ...}`` every few iterations,
+    ``{"iteration", "val_dice", "val_hd95"}`` after each validation, and on cancel
+    ``{"event": "checkpoint", "model", "iteration"}`` when a resumable checkpoint was
+    written. ``outputs``: ``{"model": folder}`` (none when measuring). ``info``: model
+    id, version and folder, parent, device, iterations, resumed, case counts,
+    ``dice_before`` / ``dice_after`` and their ``split``, seconds; when measuring
+    ``seconds_per_iteration``, ``seconds_per_validation`` (an upper bound: it includes
+    setting the training up), ``seconds_setup`` (reading data and model).
+
+All kinds share :class:`ModelCache` through the context, so a refinement step reuses
+the model that is already warm (finetuning loads its own copy, which it trains).
 """
 
 from __future__ import annotations
@@ -58,6 +83,7 @@ __all__ = [
     "JobOutcome",
     "ModelCache",
     "default_handlers",
+    "finetune_job",
     "refine_job",
     "segment_job",
 ]
@@ -120,16 +146,23 @@ class JobContext:
 
     ``report(done, total, stage, unit)`` sends a progress message (throttled by the
     worker); ``unit`` names what is counted ("windows", "slices", "iterations").
+    ``send_log(record)`` sends a ``log`` message (never throttled); None drops records.
     """
 
     job_id: str
     cancel: threading.Event
     report: Callable[[int, int, str, str], None]
     models: ModelCache
+    send_log: Optional[Callable[[dict[str, Any]], None]] = None
 
     def progress(self, done: int, total: int, stage: str, unit: str = "") -> None:
         """Report ``done`` of ``total`` units of ``stage``."""
         self.report(int(done), int(total), str(stage), unit)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Send one record (JSON-ready; non-finite numbers become null) to the client."""
+        if self.send_log is not None:
+            self.send_log(dict(record))
 
     def progress_in(self, unit: str) -> ProgressCallback:
         """A ``(done, total, stage)`` callback (as the Predictor takes) that reports in ``unit``."""
@@ -303,6 +336,222 @@ def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     )
 
 
+class _EitherEvent(threading.Event):
+    """An event that also counts as set when ``other`` (the user's cancel) is set."""
+
+    def __init__(self, other: threading.Event) -> None:
+        super().__init__()
+        self._other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or self._other.is_set()
+
+
+def _case_list(params: Mapping[str, Any], key: str, labelled: bool) -> list[tuple[str, str, Optional[str]]]:
+    value = params.get(key) or []
+    if not isinstance(value, list):
+        raise ProtocolError(f"job parameter {key!r} must be a list of cases")
+    cases = []
+    for index, item in enumerate(value):
+        ok = isinstance(item, dict) and isinstance(item.get("image"), str)
+        if not ok or (labelled and not isinstance(item.get("label"), str)):
+            what = "'image' and 'label' file paths" if labelled else "an 'image' file path"
+            raise ProtocolError(f"job parameter {key!r} item {index} must be an object with {what}")
+        case_id = str(item.get("id") or f"{key}-{index + 1}")
+        cases.append((case_id, item["image"], item.get("label") if labelled else None))
+    return cases
+
+
+def _load_finetune_cases(
+    labelled: list[tuple[str, str, Optional[str]]],
+    unlabelled: list[tuple[str, str, Optional[str]]],
+    folder: Optional[str],
+    card: Any,
+    context: JobContext,
+) -> tuple[list[Any], list[Any]]:
+    """(labelled items, unlabelled items) read from disk; labels outside the card's table are refused."""
+    import numpy as np
+
+    from ..io import read_image
+    from ..progress import check_cancelled
+    from ..training.datasets import Case, discover_cases, load_case
+    from ..volume import Volume
+
+    folder_cases = discover_cases(folder, require_labels=False) if folder else []
+    total = len(labelled) + len(unlabelled) + len(folder_cases)
+    known = {label.value for label in card.labels}
+    table = ", ".join(f"{label.value} {label.name}" for label in card.labels)
+    items: list[Any] = []
+    extra: list[Any] = []
+    for case_id, image_path, label_path in labelled:
+        check_cancelled(context.cancel)
+        context.progress(len(items), total, "loading data", "cases")
+        image = read_image(image_path)
+        label = read_image(label_path)  # type: ignore[arg-type]
+        unknown = {int(v) for v in np.unique(label.array)} - known - {0}
+        if unknown:
+            raise InputError(
+                f"case {case_id}: label value(s) {sorted(unknown)} are not in model {card.id!r}'s label table ({table})"
+            )
+        if label.shape != image.shape or not label.grid.same_as(image.grid, atol=1e-3):
+            raise InputError(f"case {case_id}: the segmentation's grid differs from its image's")
+        items.append((case_id, image, Volume.on_grid(label.array, image.grid)))
+    for case_id, image_path, _ in unlabelled:
+        check_cancelled(context.cancel)
+        context.progress(len(items) + len(extra), total, "loading data", "cases")
+        extra.append((case_id, read_image(image_path), None))
+    for case in folder_cases:
+        check_cancelled(context.cancel)
+        context.progress(len(items) + len(extra), total, "loading data", "cases")
+        image, _ = load_case(Case(case.id, case.image, None, case.hdf5))
+        extra.append((f"folder:{case.id}", image, None))
+    context.progress(total, total, "loading data", "cases")
+    return items, extra
+
+
+def _time_finetuning(options: Any, measure: int, context: JobContext, started: float) -> JobOutcome:
+    """Run ``measure`` + 1 iterations in a scratch folder and report how long they took (nothing is kept)."""
+    import tempfile
+
+    from ..errors import Cancelled
+    from ..inference.device import resolve_device
+    from ..models import ModelRegistry
+    from ..training.finetune import finetune_model
+
+    marks: dict[Any, float] = {}
+    stop = _EitherEvent(context.cancel)
+
+    def progress(done: int, total: int, stage: str) -> None:
+        now = time.perf_counter()
+        if stage == "training":
+            marks.setdefault(done, now)
+            context.progress(min(done, measure + 1), measure + 1, "timing", "iterations")
+            if done >= measure + 1:
+                stop.set()
+        else:
+            marks.setdefault(stage, now)
+            context.progress(done, total, stage, "cases" if stage == "loading data" else "")
+
+    options.iterations = 1_000_000  # validations come every iterations // 5: none while timing
+    with tempfile.TemporaryDirectory(prefix="medsegsuite-timing-") as scratch:
+        options.output = Path(scratch) / "timing"
+        options.model_id = "timing"
+        try:
+            finetune_model(options, ModelRegistry(user_dir=scratch), progress, stop)
+        except Cancelled:
+            if context.cancel.is_set():
+                raise
+    first, last, parent = marks.get(1), marks.get(measure + 1), marks.get("measuring the parent")
+    if first is None or last is None or parent is None:
+        raise InputError("timing the finetuning failed: the training did not start")
+    per_iteration = (last - first) / measure
+    return JobOutcome(
+        outputs={},
+        info={
+            "measured": True,
+            "device": str(resolve_device(options.device)),
+            "iterations_timed": measure,
+            "seconds_per_iteration": round(per_iteration, 4),
+            "seconds_per_validation": round(max(0.0, first - parent - per_iteration), 3),
+            "seconds_setup": round(parent - started, 3),
+            "labelled": len(options.labelled),
+            "unlabelled": len(options.unlabelled or []),
+        },
+    )
+
+
+def finetune_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
+    """Finetune ``params['parent']`` on the given cases (or time it); see the module docstring for the parameters."""
+    import json
+
+    from ..errors import Cancelled
+    from ..models import ModelRegistry
+    from ..training.finetune import FinetuneOptions, finetune_model, next_finetune_id
+
+    parent = _param(params, "parent", str)
+    labelled = _case_list(params, "labelled", True)
+    unlabelled = _case_list(params, "unlabelled", False)
+    folder = _param(params, "unlabelled_folder", str, None)
+    iterations = _param(params, "iterations", int, 200)
+    device = _param(params, "device", str, "auto")
+    held_out = _param(params, "held_out", int, None)
+    seed = _param(params, "seed", int, 0)
+    batch_size = _param(params, "batch_size", int, None)
+    lr = _param(params, "lr", (int, float), None)
+    resume = _param(params, "resume", bool, False)
+    measure = _param(params, "measure", int, 0)
+    if not labelled:
+        raise InputError("finetuning needs at least one labelled case (an image with its segmentation)")
+    if iterations < 1:
+        raise ProtocolError(f"job parameter 'iterations' must be at least 1, got {iterations}")
+    if measure < 0 or (measure and resume):
+        raise ProtocolError("job parameter 'measure' must be 0 or more, and cannot be combined with 'resume'")
+
+    started = time.perf_counter()
+    registry = ModelRegistry()
+    entry = registry.resolve(parent)
+    card = entry.card
+    items, extra = _load_finetune_cases(labelled, unlabelled, folder, card, context)
+    options = FinetuneOptions(
+        parent=str(entry.directory),
+        labelled=items,
+        unlabelled=extra or None,
+        iterations=iterations,
+        batch_size=batch_size,
+        lr=float(lr) if lr is not None else None,
+        device=device,
+        seed=seed,
+        held_out=held_out,
+    )
+    if measure:
+        return _time_finetuning(options, measure, context, started)
+
+    options.model_id = model_id = next_finetune_id(card.id, registry, resume=resume)
+    workdir = registry.user_dir / f"{model_id}.training"
+    if resume:
+        try:
+            history = json.loads((workdir / "log.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            history = []
+        for record in history if isinstance(history, list) else []:
+            context.log({**record, "replayed": True})
+    reached = {"iteration": 0}
+
+    def progress(done: int, total: int, stage: str) -> None:
+        if stage == "training":
+            reached["iteration"] = done
+            context.progress(done, total, stage, "iterations")
+        else:
+            context.progress(done, total, stage, "cases" if stage == "loading data" else "")
+
+    try:
+        new = finetune_model(options, registry, progress, context.cancel, resume=resume, on_log=context.log)
+    except Cancelled:
+        if (workdir / "checkpoint.pt").is_file():
+            context.log({"event": "checkpoint", "model": model_id, "iteration": reached["iteration"]})
+        raise
+    metrics = {m["name"]: m["value"] for m in new.card.metrics}
+    facts = dict(new.card.training.get("finetune", {}))
+    return JobOutcome(
+        outputs={"model": str(new.directory)},
+        info={
+            "model": new.card.id,
+            "version": new.card.version,
+            "directory": str(new.directory),
+            "parent": card.id,
+            "device": str(new.card.training.get("device", device)),
+            "iterations": iterations,
+            "resumed": resume,
+            "labelled": len(items),
+            "unlabelled": len(extra),
+            "dice_before": metrics.get("dice_before_finetuning"),
+            "dice_after": metrics.get("dice"),
+            "split": facts.get("split", ""),
+            "seconds": {"total": round(time.perf_counter() - started, 3)},
+        },
+    )
+
+
 def default_handlers() -> dict[str, JobHandler]:
     """The job kinds this worker runs, by name."""
-    return {"segment": segment_job, "refine": refine_job}
+    return {"segment": segment_job, "refine": refine_job, "finetune": finetune_job}

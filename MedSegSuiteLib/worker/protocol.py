@@ -17,10 +17,14 @@ Worker -> client::
     {"type": "pong", "id": 7, "busy": false, "job": null, "cached_models": 1}
     {"type": "started", "job": "job-1", "kind": "segment"}
     {"type": "progress", "job": "job-1", "done": 3, "total": 8, "stage": "segmenting", "unit": "windows"}
+    {"type": "log", "job": "job-1", "record": {"iteration": 20, "loss": 0.41}}
     {"type": "result", "job": "job-1", "outputs": {"labels": "/tmp/.../labels.nrrd"}, "info": {...}}
     {"type": "cancelled", "job": "job-1"}
     {"type": "error", "job": "job-1", "kind": "InputError", "message": "one line for the user"}
     {"type": "bye"}
+
+``log`` messages carry a job's records (a finetuning's loss and validation values),
+in order and never throttled; non-finite numbers travel as null.
 
 A job ends with exactly one of ``result``, ``cancelled`` or ``error``. An ``error``
 with ``"job": null`` answers a line that was not a valid request (malformed JSON, an
@@ -55,7 +59,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 MAX_LINE_CHARS = 1_000_000
 CLIENT_TYPES = ("ping", "start", "cancel", "shutdown")
-WORKER_TYPES = ("ready", "pong", "started", "progress", "result", "cancelled", "error", "bye")
+WORKER_TYPES = ("ready", "pong", "started", "progress", "log", "result", "cancelled", "error", "bye")
 TERMINAL_TYPES = ("result", "cancelled", "error")
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import numbers
 import os
 import sys
 import threading
@@ -165,8 +167,14 @@ class WorkerServer:
 
         return report
 
+    def _log_sender(self, job: _Job) -> Callable[[dict[str, Any]], None]:
+        def send_log(record: dict[str, Any]) -> None:
+            self.send({"type": "log", "job": job.id, "record": _finite(record)})
+
+        return send_log
+
     def _run(self, job: _Job, handler: JobHandler, params: dict[str, Any]) -> None:
-        context = JobContext(job.id, job.cancel, self._progress_sender(job), self.models)
+        context = JobContext(job.id, job.cancel, self._progress_sender(job), self.models, self._log_sender(job))
         try:
             outcome = handler(params, context)
             if job.cancel.is_set():
@@ -192,6 +200,21 @@ class WorkerServer:
             job.cancel.set()
             if job.thread is not None:
                 job.thread.join(timeout)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (JSON-like) with NaN and infinities replaced by None and numpy numbers by Python's."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _remove_quietly(path: str) -> None:

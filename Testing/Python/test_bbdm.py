@@ -332,12 +332,22 @@ def test_sampling_is_reproducible_with_a_seed_and_keeps_edited_voxels():
         return fn
 
     idx = bbdm.chain_indices(4)
-    a = bbdm.sample_ensemble(recording(0), prior, idx, mask=mask, keep=keep, ensemble=3,
-                             generator=torch.Generator().manual_seed(42), return_members=True)
-    b = bbdm.sample_ensemble(_random_model(0), prior, idx, mask=mask, keep=keep, ensemble=3,
-                             generator=torch.Generator().manual_seed(42))
-    c = bbdm.sample_ensemble(_random_model(0), prior, idx, mask=mask, keep=keep, ensemble=3,
-                             generator=torch.Generator().manual_seed(43))
+    a = bbdm.sample_ensemble(
+        recording(0),
+        prior,
+        idx,
+        mask=mask,
+        keep=keep,
+        ensemble=3,
+        generator=torch.Generator().manual_seed(42),
+        return_members=True,
+    )
+    b = bbdm.sample_ensemble(
+        _random_model(0), prior, idx, mask=mask, keep=keep, ensemble=3, generator=torch.Generator().manual_seed(42)
+    )
+    c = bbdm.sample_ensemble(
+        _random_model(0), prior, idx, mask=mask, keep=keep, ensemble=3, generator=torch.Generator().manual_seed(43)
+    )
     assert torch.equal(a.prob, b.prob)
     assert not torch.equal(a.prob, c.prob)
     assert len(seen) == 3 * len(idx)
@@ -347,8 +357,9 @@ def test_sampling_is_reproducible_with_a_seed_and_keeps_edited_voxels():
     assert a.members.shape == (3, 1, 2, 8, 8)
     assert bool(((a.uncertainty >= 0) & (a.uncertainty <= 0.5)).all())
     assert torch.allclose(a.uncertainty, a.members.std(0, unbiased=False))
-    single = bbdm.sample_ensemble(_random_model(0), prior, idx, mask=mask, ensemble=1,
-                                  generator=torch.Generator().manual_seed(1))
+    single = bbdm.sample_ensemble(
+        _random_model(0), prior, idx, mask=mask, ensemble=1, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(single.uncertainty, torch.zeros_like(single.prob))
 
 

@@ -15,7 +15,12 @@ from MedSegSuiteLib.networks.canet import CANet, CANetDiscriminator
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 KEYS = SHARED / "specs" / "keys"
 TINY = {
-    "base_filters": 4, "patch_size": (32, 32, 16), "hidden_size": 16, "num_layers": 2, "num_heads": 2, "mlp_dim": 32
+    "base_filters": 4,
+    "patch_size": (32, 32, 16),
+    "hidden_size": 16,
+    "num_layers": 2,
+    "num_heads": 2,
+    "mlp_dim": 32,
 }
 
 

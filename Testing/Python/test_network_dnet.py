@@ -118,8 +118,14 @@ def test_dnet_rejects_bad_arguments():
 
 @pytest.mark.parametrize(
     "shape, kernel, dilation",
-    [((1, 3, 12, 12, 12), 7, 3), ((2, 4, 8, 5, 7), 7, 3), ((1, 2, 2, 3, 4), 7, 3), ((1, 5, 3, 2, 6), 5, 1),
-     ((2, 6, 4, 4, 4), 3, 1), ((1, 2, 1, 1, 1), 7, 3)],
+    [
+        ((1, 3, 12, 12, 12), 7, 3),
+        ((2, 4, 8, 5, 7), 7, 3),
+        ((1, 2, 2, 3, 4), 7, 3),
+        ((1, 5, 3, 2, 6), 5, 1),
+        ((2, 6, 4, 4, 4), 3, 1),
+        ((1, 2, 1, 1, 1), 7, 3),
+    ],
 )
 def test_fast_depthwise_conv_equals_plain_dilated_conv(shape, kernel, dilation):
     torch.manual_seed(0)

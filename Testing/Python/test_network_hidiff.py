@@ -56,8 +56,7 @@ def _inputs(model: BBDMRefiner, size: int = 64, batch: int = 2, seed: int = 0):
     img = torch.randn(batch, model.img_channels, size, size, generator=g)
     prior = torch.rand(batch, k, size, size, generator=g)
     feats = [
-        torch.randn(batch, c, size // s, size // s, generator=g)
-        for c, s in zip(model.condition_dims, (4, 8, 16, 32))
+        torch.randn(batch, c, size // s, size // s, generator=g) for c, s in zip(model.condition_dims, (4, 8, 16, 32))
     ]
     return y, t, img, prior, feats
 
@@ -341,7 +340,8 @@ def test_lite_refiner_learns_to_denoise_disc_masks_with_the_bbdm_loss():
         opt.step()
     after = evaluate()
     img, y0, prior = held_out
-    zero = bbdm.training_losses(lambda yk, kk: torch.zeros_like(yk), y0, prior, k_held,
-                                generator=torch.Generator().manual_seed(2))
+    zero = bbdm.training_losses(
+        lambda yk, kk: torch.zeros_like(yk), y0, prior, k_held, generator=torch.Generator().manual_seed(2)
+    )
     assert before == pytest.approx(float(zero["total"]), abs=1e-6)  # zero-initialised head
     assert after < 0.5 * before, (before, after)

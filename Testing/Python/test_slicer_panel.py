@@ -403,7 +403,7 @@ def test_dicom_seg_is_offered_only_for_volumes_loaded_from_dicom(panel, tmp_path
     assert item.isEnabled() and "references the input's series" in item.toolTip()
 
 
-PANEL_SIZE = (420, 840)
+PANEL_SIZE = (420, 880)
 
 
 def _render(name: str) -> Path:

@@ -4,7 +4,7 @@ The same test class runs unchanged inside 3D Slicer (``Slicer --testing``); here
 drives the real panel (PySide6, offscreen) on the real MRML library, with the small
 trained 3D U-Net of the ``unet3d_dir`` fixture and the small HiDiff model of the
 ``hidiff_dir`` fixture imported into an isolated MEDSEGSUITE_HOME, and a real worker
-process.
+process. The U-Net is also the parent of the finetuning steps.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def installed_refiner(home, hidiff_dir):
     return ModelRegistry().import_model(hidiff_dir)
 
 
-def test_module_self_test_segments_cancels_recovers_refines_undoes_and_exports(
+def test_module_self_test_segments_cancels_recovers_refines_undoes_finetunes_and_exports(
     installed_model, installed_refiner, monkeypatch
 ):
     monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_MODEL", "1")
     monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_REFINER", "1")
+    monkeypatch.setenv("MEDSEGSUITE_SELFTEST_REQUIRE_FINETUNE", "1")
     slicer_harness.install()
     module = slicer_harness.load_module()
     try:
@@ -42,5 +43,7 @@ def test_module_self_test_segments_cancels_recovers_refines_undoes_and_exports(
         test.runTest()
         assert test.entry.card.id == installed_model.card.id
         assert test.refiner.card.id == installed_refiner.card.id
+        assert test.finetuned["model"] == "test-unet3d-ft-1" and test.finetuned["parent"] == installed_model.card.id
+        assert test.finetuned["resumed"] is True
     finally:
         slicer_harness.unload_modules()

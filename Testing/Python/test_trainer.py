@@ -106,7 +106,10 @@ def test_cli_train_2d_learns_and_segment_uses_the_model(discs, tmp_path, capsys)
     assert validations[-1] > 0.75 and max(validations) > validations[0] + 0.15, validations
     dice = next(m for m in card.metrics if m["name"] == "dice")
     assert dice["value"] == pytest.approx(max(validations), abs=1e-4) and "held out" in dice["split"]
-    assert card.training["cases"] == {"train": 19, "unlabelled": 0, "validation": 5} and len(card.training["validation_ids"]) == 5
+    assert (
+        card.training["cases"] == {"train": 19, "unlabelled": 0, "validation": 5}
+        and len(card.training["validation_ids"]) == 5
+    )
     assert card.training["licence"] == "CC0-1.0 (synthetic)" and card.labels[0].name == "Disc"
     assert not (tmp_path / "disc-model.training").exists()
     first = card.training["validation_ids"][0]

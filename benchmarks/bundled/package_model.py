@@ -63,8 +63,10 @@ def main() -> None:
         half, _ = evaluate(load_model(half_entry), cases)
     use_half = abs(half["dice"] - full["dice"]) < TOLERANCE
     chosen = half if use_half else full
-    split = (f"validation: {len(cases)} cases of {Path(args.data).name} held out from training "
-             "(chosen before training, never trained on), measured at each image's original resolution")
+    split = (
+        f"validation: {len(cases)} cases of {Path(args.data).name} held out from training "
+        "(chosen before training, never trained on), measured at each image's original resolution"
+    )
     card["metrics"] = [{"name": "dice", "value": round(chosen["dice"], 4), "split": split}]
     if chosen.get("hd95") is not None:
         card["metrics"].append({"name": "hd95_mm", "value": round(chosen["hd95"], 3), "split": split})
@@ -80,10 +82,26 @@ def main() -> None:
         "fp16_dice_change": round(half["dice"] - full["dice"], 5),
     }
     target = Path(args.output) / card["id"]
-    entry = save_model(target, trained.network, card, half=use_half, overwrite=True,
-                       extra_files={"training_log.json": (Path(args.trained) / "training_log.json").read_text()})
-    print(json.dumps({"id": entry.card.id, "dice": chosen["dice"], "fp16": use_half, "seconds_per_case": seconds,
-                      "bytes": entry.card.weights["bytes"]}, indent=2))
+    entry = save_model(
+        target,
+        trained.network,
+        card,
+        half=use_half,
+        overwrite=True,
+        extra_files={"training_log.json": (Path(args.trained) / "training_log.json").read_text()},
+    )
+    print(
+        json.dumps(
+            {
+                "id": entry.card.id,
+                "dice": chosen["dice"],
+                "fp16": use_half,
+                "seconds_per_case": seconds,
+                "bytes": entry.card.weights["bytes"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

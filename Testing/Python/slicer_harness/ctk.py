@@ -2,7 +2,8 @@
 """Stand-in for the ``ctk`` names used by MedSegSuite's panel: :class:`ctkCollapsibleButton`.
 
 Like CTK's widget it is a button whose header (arrow + title) toggles the visibility of
-the widgets laid out below it; ``collapsed`` is a Qt property, so ``.ui`` files set it.
+the widgets laid out below it; ``collapsed`` is a Qt property, so ``.ui`` files set it
+(the harness's ``qt.QUiLoader`` hides the contents of sections loaded collapsed, as CTK does).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class ctkCollapsibleButton(QtWidgets.QAbstractButton):  # noqa: N801 - CTK's cla
         self.contentsCollapsed.emit(collapsed)
 
     collapsed = QtCore.Property(bool, collapsed, setCollapsed)
+
+    def hide_contents_if_collapsed(self) -> None:
+        """Hide the widgets added since the section was collapsed (the loader sets ``collapsed`` before adding)."""
+        if not self._collapsed:
+            return
+        for child in self.findChildren(QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly):
+            if not child.isHidden():
+                child.hide()
+                self._hidden_by_us.append(child)
+        self.setMaximumHeight(self.headerHeight())
 
     def hitButton(self, pos) -> bool:
         return 0 <= pos.y() < self.headerHeight()

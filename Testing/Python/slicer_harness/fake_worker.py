@@ -6,6 +6,12 @@ voxels brighter than ``threshold`` as 1 (enough for balls of the synthetic volum
 Its "refine" jobs grow every label of the mask by one voxel within each axial slice
 (only in the slice ``slice`` or inside ``roi`` when the scope says so) and leave the
 ``keep`` voxels as they were; with ``ensemble`` > 1 they write a zero uncertainty.
+Its "finetune" jobs report iteration 1 of ``iterations`` with a loss record; finishing
+one registers ``<parent id>-ft-<n>`` (a card only, Dice 0.41 before and 0.86 after) in
+``$MEDSEGSUITE_HOME/models`` (on ``resume``, the run whose ``.training`` folder is
+there), and cancelling a held one leaves ``<parent id>-ft-<n>.training/checkpoint.pt``
+and its ``log.json`` there, like the real job. With ``measure`` it reports made-up
+timings (0.5 s per iteration, 2 s per validation, 1 s set-up).
 With ``hold=True`` a job stops after its first progress message until the test calls
 :meth:`~FakeWorkerProcess.finish` or ends the process with :meth:`~FakeWorkerProcess.die`.
 """
@@ -133,13 +139,19 @@ class FakeWorkerProcess:
             self.emit({"type": "bye"})
             self.die(0)
         elif kind == "cancel":
-            if self.held.pop(message.get("job"), None) is not None:
+            held = self.held.pop(message.get("job"), None)
+            if held is not None:
+                if held.get("kind") == "finetune" and not held["params"].get("measure"):
+                    self._checkpoint(held)
                 self.emit({"type": "cancelled", "job": message["job"]})
         elif kind == "start":
             job = message["job"]
             self.emit({"type": "started", "job": job, "kind": message.get("kind")})
-            stage, unit = ("refining", "slices") if message.get("kind") == "refine" else ("segmenting", "windows")
-            self.emit({"type": "progress", "job": job, "done": 1, "total": 4, "stage": stage, "unit": unit})
+            if message.get("kind") == "finetune":
+                self._start_finetune(job, message["params"])
+            else:
+                stage, unit = ("refining", "slices") if message.get("kind") == "refine" else ("segmenting", "windows")
+                self.emit({"type": "progress", "job": job, "done": 1, "total": 4, "stage": stage, "unit": unit})
             if self.hold:
                 self.held[job] = message
             else:
@@ -161,6 +173,9 @@ class FakeWorkerProcess:
         params = message["params"]
         if message.get("kind") == "refine":
             self._refine(job, params)
+            return
+        if message.get("kind") == "finetune":
+            self._finish_finetune(job, params)
             return
         image = read_image(params["input"])
         channels = image.channel_first()
@@ -218,6 +233,109 @@ class FakeWorkerProcess:
         info = {"model": "fake", "device": "cpu", "cache_hit": True, "slices": slices, "labels_present": present}
         info["changed"] = int((refined != labels).sum())
         self.emit({"type": "result", "job": job, "outputs": outputs, "info": info})
+
+    # -- finetuning -----------------------------------------------------------------------
+    @staticmethod
+    def _models_dir():
+        import os
+        from pathlib import Path
+
+        return Path(os.environ["MEDSEGSUITE_HOME"]) / "models"
+
+    @staticmethod
+    def _parent_card(params: dict[str, Any]) -> dict[str, Any]:
+        from pathlib import Path
+
+        return json.loads((Path(params["parent"]) / "card.json").read_text())
+
+    def _run_id(self, parent_id: str, resume: bool) -> str:
+        models = self._models_dir()
+        if resume:
+            pending = sorted(models.glob(f"{parent_id}-ft-*.training"))
+            return pending[-1].name[: -len(".training")]
+        n = 1
+        while any(models.glob(f"{parent_id}-ft-{n}*")):
+            n += 1
+        return f"{parent_id}-ft-{n}"
+
+    def _start_finetune(self, job: str, params: dict[str, Any]) -> None:
+        if params.get("measure"):
+            total = params["measure"] + 1
+            self.emit(
+                {"type": "progress", "job": job, "done": 1, "total": total, "stage": "timing", "unit": "iterations"}
+            )
+            return
+        total = params["iterations"]
+        self.emit(
+            {"type": "progress", "job": job, "done": 1, "total": total, "stage": "training", "unit": "iterations"}
+        )
+        self.emit({"type": "log", "job": job, "record": {"iteration": 1, "loss": 0.9, "supervised": 0.9}})
+
+    def _checkpoint(self, message: dict[str, Any]) -> None:
+        params = message["params"]
+        parent_id = self._parent_card(params)["id"]
+        model_id = self._run_id(parent_id, bool(params.get("resume")))
+        workdir = self._models_dir() / f"{model_id}.training"
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "checkpoint.pt").write_bytes(b"fake")
+        (workdir / "log.json").write_text(json.dumps([{"iteration": 1, "loss": 0.9}]))
+        self.emit(
+            {"type": "log", "job": message["job"], "record": {"event": "checkpoint", "model": model_id, "iteration": 1}}
+        )
+
+    def _finish_finetune(self, job: str, params: dict[str, Any]) -> None:
+        import shutil
+
+        if params.get("measure"):
+            info = {
+                "measured": True,
+                "device": "cpu",
+                "iterations_timed": params["measure"],
+                "seconds_per_iteration": 0.5,
+                "seconds_per_validation": 2.0,
+                "seconds_setup": 1.0,
+            }
+            self.emit({"type": "result", "job": job, "outputs": {}, "info": info})
+            return
+        card = self._parent_card(params)
+        resume = bool(params.get("resume"))
+        model_id = self._run_id(card["id"], resume)
+        total = params["iterations"]
+        if resume:
+            self.emit({"type": "log", "job": job, "record": {"iteration": 1, "loss": 0.9, "replayed": True}})
+        self.emit(
+            {"type": "progress", "job": job, "done": total, "total": total, "stage": "training", "unit": "iterations"}
+        )
+        self.emit({"type": "log", "job": job, "record": {"iteration": total, "loss": 0.3}})
+        self.emit({"type": "log", "job": job, "record": {"iteration": total, "val_dice": 0.86, "val_hd95": None}})
+        split = f"held-out: 1 of the {len(params['labelled'])} labelled cases"
+        card.update(
+            id=model_id,
+            parent=card["id"],
+            name=card["name"] + " (finetuned)",
+            metrics=[
+                {"name": "dice_before_finetuning", "value": 0.41, "split": split},
+                {"name": "dice", "value": 0.86, "split": "validation"},
+            ],
+            training={"finetune": {"parent": card["id"], "split": split, "labelled": len(params["labelled"])}},
+        )
+        folder = self._models_dir() / model_id
+        folder.mkdir(parents=True)
+        (folder / "card.json").write_text(json.dumps(card))
+        shutil.rmtree(self._models_dir() / f"{model_id}.training", ignore_errors=True)
+        info = {
+            "model": model_id,
+            "version": card["version"],
+            "directory": str(folder),
+            "parent": card["parent"],
+            "device": "cpu",
+            "iterations": total,
+            "resumed": resume,
+            "dice_before": 0.41,
+            "dice_after": 0.86,
+            "split": split,
+        }
+        self.emit({"type": "result", "job": job, "outputs": {"model": str(folder)}, "info": info})
 
 
 class FakeWorkerFactory:

@@ -34,3 +34,13 @@ class QUiLoader(_QUiLoader):
 
         for cls in (ctk.ctkCollapsibleButton, mrml_widgets.qMRMLWidget, mrml_widgets.qMRMLNodeComboBox):
             self.registerCustomWidget(cls)
+
+    def load(self, *args, **kwargs):
+        """Load a ``.ui`` file; sections marked ``collapsed`` start with their contents hidden."""
+        from . import ctk
+
+        widget = super().load(*args, **kwargs)
+        if widget is not None:
+            for section in widget.findChildren(ctk.ctkCollapsibleButton):
+                section.hide_contents_if_collapsed()
+        return widget

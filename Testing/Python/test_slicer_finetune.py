@@ -1,0 +1,299 @@
+"""The Finetune section (real .ui, PySide6 offscreen, real MRML) with a fake worker: labelled cases from the
+scene, label matching, Start / Cancel / Resume, the loss curve, the time estimate and the new model.
+
+The fake worker (slicer_harness.fake_worker) answers "finetune" jobs like the real one: a
+loss record per step, a checkpoint folder on cancel, a registered ``<parent>-ft-<n>``
+card on finish, made-up timings when measuring.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer_harness
+from conftest import OUTPUT_DIR, UNET3D_CARD
+from slicer_harness.fake_worker import FakeWorkerFactory
+
+from MedSegSuiteLib.io import read_image
+from MedSegSuiteLib.worker.client import WorkerClient
+
+PARENT_CARD = dict(UNET3D_CARD, weights={"file": "model.safetensors"})
+
+
+@pytest.fixture
+def panel(home, tmp_path):
+    """The module widget over a fresh scene, the test U-Net card installed, a fake worker that holds jobs."""
+    folder = home / "models" / PARENT_CARD["id"]
+    folder.mkdir(parents=True)
+    (folder / "card.json").write_text(json.dumps(PARENT_CARD))
+    slicer_harness.install()
+    import slicer
+
+    slicer.mrmlScene.Clear(0)
+    slicer_harness.load_module()
+    widget = slicer.util.getModuleWidget("MedSegSuite")
+    widget.refreshModels()
+    factory = FakeWorkerFactory(hold=True)
+    widget.logic._client = WorkerClient(process_factory=factory, temp_root=str(tmp_path))
+    widget.factory = factory
+    widget.ui.finetuneCollapsibleButton.setCollapsed(False)
+    yield widget
+    widget.logic.shutdown()
+    slicer_harness.unload_modules()
+    slicer.mrmlScene.Clear(0)
+
+
+def _text(widget) -> str:
+    return widget.property("text")
+
+
+def _items(list_widget) -> list[tuple[str, str, bool]]:
+    import qt
+
+    items = [list_widget.item(row) for row in range(list_widget.count())]
+    return [(item.text(), item.data(qt.Qt.UserRole), item.checkState() == qt.Qt.Checked) for item in items]
+
+
+def _cases(count=2, label="Ball"):
+    """``count`` labelled faint-ball cases and one unlabelled volume, listed by the panel."""
+    from MedSegSuiteLib.slicer.testing import add_faint_ball_case
+
+    cases = [add_faint_ball_case(f"Faint {i}", label, seed=i, shape=(10, 20, 20), radius=3.0) for i in range(count)]
+    unlabelled, _, _ = add_faint_ball_case("Spare", None, seed=9, shape=(10, 20, 20), radius=3.0)
+    slicer_harness.process_events()  # the lists follow the scene once the nodes are set up
+    return cases, unlabelled
+
+
+def _choose(panel, cases, unlabelled=(), iterations=10):
+    from MedSegSuiteLib.slicer.testing import set_checked_items
+
+    ui = panel.ui
+    set_checked_items(ui.finetuneLabelledList, [segmentation.GetID() for _, segmentation, _ in cases])
+    set_checked_items(ui.finetuneUnlabelledList, [node.GetID() for node in unlabelled])
+    ui.finetuneIterationsSpinBox.setValue(iterations)
+
+
+def _wait(panel, predicate, timeout=10):
+    from MedSegSuiteLib.slicer.testing import wait_until
+
+    assert wait_until(predicate, timeout), panel.logic.status
+
+
+def test_labelled_cases_are_segmentations_listed_with_their_reference_volume(panel):
+    import slicer
+
+    from MedSegSuiteLib.slicer.parameters import Parameters, get_parameter_node
+    from MedSegSuiteLib.slicer.testing import save_and_reload_scene
+
+    ui = panel.ui
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Loose")  # no reference volume: not a case
+    (first, first_seg, _), (second, second_seg, _) = _cases()[0]
+    assert [(text, checked) for text, _, checked in _items(ui.finetuneLabelledList)] == [
+        ("Faint 0 + Faint 0 segmentation", False),
+        ("Faint 1 + Faint 1 segmentation", False),
+    ]
+    assert [text for text, _, _ in _items(ui.finetuneUnlabelledList)] == ["Faint 0", "Faint 1", "Spare"]
+    assert "Segments: Ball \u2192 Ball" in ui.finetuneLabelledList.item(0).toolTip()
+    assert not ui.finetuneStartButton.isEnabled() and not ui.finetuneResumeButton.isEnabled()
+    assert "Check at least one labelled case" in ui.finetuneStartButton.property("toolTip")
+    assert ui.finetuneModelSelector.currentData() == "test-unet3d" and ui.finetuneIterationsSpinBox.value() == 200
+
+    import qt
+
+    ui.finetuneLabelledList.item(1).setCheckState(qt.Qt.Checked)  # what a click on the box does
+    assert Parameters(get_parameter_node()).finetune_labelled == [second_seg]
+    assert ui.finetuneStartButton.isEnabled() and ui.finetuneEstimateButton.isEnabled()
+    assert not ui.finetuneResumeButton.isEnabled()  # nothing to resume yet
+    ui.finetuneIterationsSpinBox.setValue(50)
+    save_and_reload_scene()
+    slicer_harness.process_events()
+    assert [(text, checked) for text, _, checked in _items(ui.finetuneLabelledList)] == [
+        ("Faint 0 + Faint 0 segmentation", False),
+        ("Faint 1 + Faint 1 segmentation", True),
+    ]
+    assert ui.finetuneIterationsSpinBox.value() == 50
+
+
+def test_start_sends_label_maps_in_the_parents_values_and_the_run_fills_the_curve(panel):
+    import slicer
+
+    ui = panel.ui
+    cases, spare = _cases()
+    (first, _, first_mask), (second, _, second_mask) = cases
+    _choose(panel, cases, unlabelled=[spare, first])  # a labelled case's volume is not sent twice
+    ui.finetuneStartButton.click()
+    _wait(panel, lambda: panel.factory.last.held)
+    sent = panel.factory.last.received[-1]
+    params = sent["params"]
+    assert sent["kind"] == "finetune" and params["iterations"] == 10 and params["resume"] is False
+    assert params["parent"].endswith("test-unet3d") and params["measure"] == 0
+    assert [case["id"] for case in params["labelled"]] == ["Faint 0", "Faint 1"]
+    assert [case["id"] for case in params["unlabelled"]] == ["Spare"]
+    label = read_image(params["labelled"][1]["label"])
+    assert np.array_equal(label.array, second_mask) and label.array.max() == 1  # Ball is label value 1
+    assert read_image(params["labelled"][1]["image"]).grid.same_as(read_image(params["unlabelled"][0]["image"]).grid)
+
+    _wait(panel, lambda: panel.logic.status.stage == "training")
+    assert _text(ui.finetuneStartButton) == "Cancel" and ui.finetuneStartButton.isEnabled()
+    assert not ui.finetuneResumeButton.isEnabled() and not ui.finetuneEstimateButton.isEnabled()
+    assert not ui.segmentButton.isEnabled() and not ui.finetuneLabelledList.isEnabled()
+    assert _text(ui.statusLabel) == "Finetuning: 1 / 10 iterations" and ui.progressBar.maximum() == 10
+    assert _text(ui.finetuneLossLabel) == "Loss 0.9000 at iteration 1"
+    job = sent["job"]
+    for iteration in (2, 3):
+        panel.factory.last.emit(
+            {"type": "log", "job": job, "record": {"iteration": iteration, "loss": 1.0 / iteration}}
+        )
+    panel.factory.last.emit({"type": "log", "job": job, "record": {"iteration": 3, "val_dice": 0.5, "val_hd95": 4.0}})
+    panel.factory.last.emit(
+        {"type": "progress", "job": job, "done": 3, "total": 10, "stage": "training", "unit": "iterations"}
+    )
+    _wait(panel, lambda: panel.logic.status.done == 3)
+    assert _text(ui.finetuneLossLabel) == "Loss 0.3333 at iteration 3; validation Dice 0.500 at iteration 3"
+    _render_finetune_section(panel)
+
+    parameters = panel.panel.parameters
+    chart = parameters.finetune_chart
+    assert chart is not None and chart.GetNumberOfPlotSeriesNodes() == 2
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(2)]
+    assert [s.GetTableNode() for s in series] == [parameters.finetune_loss_table, parameters.finetune_validation_table]
+    assert [s.GetYColumnName() for s in series] == ["Loss", "Validation Dice"]
+    from MedSegSuiteLib.slicer.finetuning import FinetuneCurve
+
+    curve = FinetuneCurve(parameters.finetune_loss_table, parameters.finetune_validation_table, chart)
+    assert curve.rows("loss") == [(1.0, 0.9), (2.0, 0.5), (3.0, pytest.approx(1 / 3))]
+    assert curve.rows("validation") == [(3.0, 0.5, 4.0)]
+
+    panel.factory.last.finish()
+    _wait(panel, lambda: not panel.logic.busy)
+    status = _text(ui.statusLabel)
+    assert status.startswith("Finetuned Test ball finder (3D U-Net) into test-unet3d-ft-1 in "), status
+    assert "Dice 0.410 \u2192 0.860 (held-out: 1 of the 2 labelled cases)" in status
+    assert ui.modelSelector.currentData() == "test-unet3d-ft-1"  # Segment uses the new model at once
+    assert "Finetuned from test-unet3d: Dice 0.410 before, 0.860 after" in _text(ui.modelInfoLabel)
+    assert ui.finetuneModelSelector.findData("test-unet3d-ft-1") >= 0
+    assert ui.finetuneModelSelector.currentData() == "test-unet3d"  # the parent stays chosen
+    assert _text(ui.finetuneStartButton) == "Start" and not ui.finetuneResumeButton.isEnabled()
+    assert ui.segmentButton.isEnabled()
+    assert curve.rows("loss")[-1] == (10.0, 0.3) and curve.rows("validation")[-1][:2] == (10.0, 0.86)
+    assert np.isnan(curve.rows("validation")[-1][2])  # no HD95: the worker sends null
+    assert slicer.mrmlScene.GetNodeByID(chart.GetID()) is chart
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_continues_that_run(panel, home):
+    ui = panel.ui
+    cases, _ = _cases()
+    _choose(panel, cases)
+    ui.finetuneStartButton.click()
+    _wait(panel, lambda: panel.logic.status.stage == "training")
+    ui.finetuneStartButton.click()  # Cancel
+    _wait(panel, lambda: not panel.logic.busy)
+    assert _text(ui.statusLabel) == (
+        "Finetuning cancelled at iteration 1 of 10; the checkpoint of test-unet3d-ft-1 is kept: "
+        "click Resume to continue."
+    )
+    assert (home / "models" / "test-unet3d-ft-1.training" / "checkpoint.pt").is_file()
+    assert ui.finetuneResumeButton.isEnabled() and _text(ui.finetuneStartButton) == "Start"
+    assert "unfinished run test-unet3d-ft-1 (logged up to iteration 1)" in ui.finetuneResumeButton.property("toolTip")
+    assert ui.modelSelector.findData("test-unet3d-ft-1") < 0  # nothing registered yet
+
+    ui.finetuneResumeButton.click()
+    _wait(panel, lambda: panel.factory.last.held)
+    assert panel.factory.last.received[-1]["params"]["resume"] is True
+    assert not ui.finetuneResumeButton.isEnabled() and _text(ui.finetuneStartButton) == "Cancel"
+    panel.factory.last.finish()
+    _wait(panel, lambda: not panel.logic.busy)
+    assert "into test-unet3d-ft-1" in _text(ui.statusLabel)
+    assert not (home / "models" / "test-unet3d-ft-1.training").exists()
+    assert not ui.finetuneResumeButton.isEnabled() and ui.modelSelector.currentData() == "test-unet3d-ft-1"
+    loss = panel.panel.parameters.finetune_loss_table.GetTable()
+    assert [loss.GetValue(r, 0).ToDouble() for r in range(loss.GetNumberOfRows())] == [1.0, 1.0, 10.0]
+
+
+def test_labels_that_do_not_match_the_parent_are_refused_before_anything_is_sent(panel):
+    from MedSegSuiteLib.slicer.testing import add_faint_ball_case
+
+    ui = panel.ui
+    volume, segmentation, _ = add_faint_ball_case("Liver case", "Liver", shape=(10, 20, 20), radius=3.0)
+    slicer_harness.process_events()
+    assert _items(ui.finetuneLabelledList)[0][0] == "Liver case + Liver case segmentation  (labels do not match)"
+    assert "'Liver' (no label of Test ball finder (3D U-Net) matches it)" in ui.finetuneLabelledList.item(0).toolTip()
+    _choose(panel, [(volume, segmentation, None)])
+    ui.finetuneStartButton.click()
+    assert _text(ui.statusLabel) == (
+        "The labels of 'Liver case segmentation' do not match Test ball finder (3D U-Net)'s label table (Ball): "
+        "'Liver' (no label of Test ball finder (3D U-Net) matches it); rename or remove those segments before "
+        "finetuning."
+    )
+    assert not panel.logic.busy and not panel.factory.processes  # no worker was even started
+    segment = segmentation.GetSegmentation().GetNthSegment(0)
+    segment.SetName("ball")  # names match case-insensitively
+    ui.finetuneStartButton.click()
+    _wait(panel, lambda: panel.factory.last.held)
+    assert panel.factory.last.received[-1]["kind"] == "finetune"
+
+
+def test_estimate_times_a_few_iterations_and_scales_with_the_iterations(panel):
+    ui = panel.ui
+    cases, _ = _cases(count=1)
+    _choose(panel, cases, iterations=200)
+    assert _text(ui.finetuneEstimateLabel).startswith("No time estimate yet")
+    ui.finetuneEstimateButton.click()
+    _wait(panel, lambda: panel.factory.last.held)
+    assert panel.factory.last.received[-1]["params"]["measure"] == 3
+    _wait(panel, lambda: panel.logic.status.stage == "timing")
+    assert _text(ui.finetuneEstimateButton) == "Cancel" and not ui.finetuneStartButton.isEnabled()
+    assert _text(ui.statusLabel) == "Timing iterations: 1 / 4 iterations"
+    panel.factory.last.finish()
+    _wait(panel, lambda: not panel.logic.busy)
+    # 1 s set-up + (1 + 5 validations) x 2 s + 200 x 0.5 s = 113 s
+    assert _text(ui.statusLabel) == (
+        "Timed on CPU: 0.50 s per iteration, about 2 s per validation; 200 iterations take about 2 min."
+    )
+    assert _text(ui.finetuneEstimateLabel) == (
+        "About 2 min on CPU (timed in the worker on these cases: 0.50 s per iteration, up to 2 s per validation)."
+    )
+    ui.finetuneIterationsSpinBox.setValue(1000)  # 1 + 12 + 500 s
+    assert _text(ui.finetuneEstimateLabel).startswith("About 9 min on CPU")
+    assert _text(ui.finetuneEstimateButton) == "Estimate time" and ui.finetuneStartButton.isEnabled()
+    ui.deviceSelector.setCurrentIndex(ui.deviceSelector.findData("cpu"))  # was "auto"
+    assert _text(ui.finetuneEstimateLabel).startswith("The last timing was for another model")
+    assert panel.panel.parameters.finetune_chart is None  # timing draws no curve
+
+
+def test_estimates_count_validations_like_the_finetuning_does():
+    from MedSegSuiteLib.slicer.finetuning import FinetuneTiming, describe_duration, estimate_seconds, validation_count
+
+    assert [validation_count(n) for n in (1, 4, 5, 7, 10, 200, 201)] == [1, 4, 5, 7, 5, 5, 6]
+    timing = FinetuneTiming((), "cpu", per_iteration=0.5, per_validation=2.0, setup=1.0)
+    assert estimate_seconds(timing, 200) == 1.0 + 6 * 2.0 + 100.0
+    assert [describe_duration(s) for s in (0.2, 40, 113, 5400, 7300)] == [
+        "1 s",
+        "40 s",
+        "2 min",
+        "1 h 30 min",
+        "2 h 2 min",
+    ]
+
+
+def _render_finetune_section(panel) -> Path:
+    """Testing/output/panel_finetune.png: the panel during a run, the Finetune section open."""
+    import slicer
+
+    ui = panel.ui
+    for name in ("dataCollapsibleButton", "segmentCollapsibleButton", "refineCollapsibleButton"):
+        getattr(ui, name).setCollapsed(True)
+    representation = slicer.modules.medsegsuite.widgetRepresentation()
+    representation.resize(420, 760)
+    representation.show()
+    slicer_harness.process_events()
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    target = OUTPUT_DIR / "panel_finetune.png"
+    assert representation.grab().save(str(target))
+    representation.hide()
+    for name in ("dataCollapsibleButton", "segmentCollapsibleButton", "refineCollapsibleButton"):
+        getattr(ui, name).setCollapsed(False)
+    return target
