@@ -40,6 +40,16 @@ class MedSegSuite(ScriptedLoadableModule):
             "The networks are re-implementations of the published methods; see each model card for its data and "
             "licence."
         )
+        slicer.app.connect("startupCompleted()", _registerSampleData)
+
+
+def _registerSampleData():
+    """Offer the bundled MSD hippocampus sample (CC BY-SA 4.0) in the Sample Data module."""
+    import SampleData
+
+    from MedSegSuiteLib.slicer.sample_data import register_sample_data
+
+    register_sample_data(SampleData.SampleDataLogic.registerCustomSampleDataSource)
 
 
 class MedSegSuiteWidget(ScriptedLoadableModuleWidget):

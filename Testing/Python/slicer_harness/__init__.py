@@ -132,6 +132,7 @@ def unload_modules() -> None:
     import slicer
 
     manager = slicer.app.moduleManager()
+    slicer.app._slots.clear()
     for name, record in list(manager.modules.items()):
         record.cleanup()
         del manager.modules[name]

@@ -115,6 +115,15 @@ class App:
         self._module_manager = ModuleManager()
         self.testing = testing
         self.temporaryPath = tempfile.gettempdir()
+        self._slots: dict[str, list] = {}
+
+    def connect(self, signal: str, slot: Any) -> None:
+        """Keep ``slot`` for ``signal``; :meth:`emit` calls the slots of a signal in order."""
+        self._slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal: str) -> None:
+        for slot in self._slots.get(signal, []):
+            slot()
 
     def testingEnabled(self) -> bool:
         return self.testing
