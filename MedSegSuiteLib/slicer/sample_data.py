@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..models.weights import sha256_file
 from ..resources import resources_dir
 
 __all__ = ["CATEGORY", "register_sample_data", "sample_data_source"]
 
 CATEGORY = "MedSegSuite"
 SAMPLE_NAME = "MSD-Hippocampus-sample"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sample_data_source(resources: Optional[Path] = None) -> dict[str, Any]:
@@ -43,7 +35,7 @@ def sample_data_source(resources: Optional[Path] = None) -> dict[str, Any]:
         "uris": [path.resolve().as_uri() for path in files],
         "fileNames": [path.name for path in files],
         "nodeNames": [SAMPLE_NAME, f"{SAMPLE_NAME}-reference"],
-        "checksums": [f"SHA256:{_sha256(path)}" for path in files],
+        "checksums": [f"SHA256:{sha256_file(path)}" for path in files],
         "loadFileTypes": ["VolumeFile", "SegmentationFile"],
         "thumbnailFileName": str(icon) if icon.is_file() else None,
     }
