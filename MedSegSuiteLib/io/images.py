@@ -137,8 +137,34 @@ def _nifti_expected_bytes(header: bytes) -> Optional[int]:
     return max(offset, 348) + count * bitpix // 8
 
 
+def _nifti_bad_spacing(header: bytes) -> Optional[str]:
+    """A reason when a NIfTI-1/2 header gives a zero or negative voxel spacing (pixdim), else None.
+
+    ITK silently replaces such a spacing (taking its absolute value, or 1), which moves
+    the voxels in space; a size-1 axis may have a zero spacing.
+    """
+    import struct
+
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
+            break
+    else:
+        return None
+    for axis in range(1, min(max(int(dims[0]), 0), 3) + 1):
+        if pixdim[axis] < 0 or (pixdim[axis] == 0 and dims[axis] > 1):
+            return f"its header gives axis {'ijk'[axis - 1]} a voxel spacing of {pixdim[axis]:g} mm (pixdim[{axis}])"
+    return None
+
+
 def _check_nifti_complete(path: Path) -> None:
-    """Raise InputError for a NIfTI file shorter than its header promises (ITK reads those silently)."""
+    """Raise InputError for a NIfTI file shorter than its header promises (ITK reads those silently),
+    or one whose header gives a zero or negative voxel spacing."""
     import gzip
     import zlib
 
@@ -146,6 +172,9 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             header = handle.read(540)
+            bad_spacing = _nifti_bad_spacing(header)
+            if bad_spacing is not None:
+                raise InputError(f"{path} has an impossible geometry: {bad_spacing}; spacing must be positive")
             expected = _nifti_expected_bytes(header)
             if expected is None:
                 return
@@ -221,6 +250,11 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
         )
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
     if suffix == ".gif":
         try:
             return _read_gif(path)
@@ -232,9 +266,13 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise InputError(
-            f"cannot read {path}: {_itk_reason(error)} (is the file truncated or not a {suffix} image?)"
-        ) from None
+        reason = _itk_reason(error)
+        if "spacing" in reason.lower():  # ITK refuses a zero spacing in NRRD and MetaImage headers
+            raise InputError(
+                f"{path} has an impossible geometry: its header gives a zero voxel spacing ({reason}); "
+                "spacing must be positive"
+            ) from None
+        raise InputError(f"cannot read {path}: {reason} (is the file truncated or not a {suffix} image?)") from None
     return volume_from_sitk(image)
 
 

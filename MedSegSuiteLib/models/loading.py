@@ -52,7 +52,7 @@ def load_model(
     entry = spec if isinstance(spec, ModelEntry) else (registry or ModelRegistry()).resolve(spec)
     card = entry.card
     network = build_network(card)
-    state = read_weights(entry.weights_path, sha256=card.weights.get("sha256"))
+    state = read_weights(entry.weights_path, sha256=card.weights.get("sha256"), size=card.weights.get("bytes"))
     load_state_dict_strict(network, state, str(entry.weights_path))
     network.eval()
     return LoadedModel(card, network.to(device), entry.directory)

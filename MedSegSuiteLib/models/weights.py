@@ -86,11 +86,11 @@ def save_weights(
     }
 
 
-def read_weights(path: PathLike, sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file on the CPU, verifying its sha256 when one is given.
+def read_weights(path: PathLike, sha256: Optional[str] = None, size: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file on the CPU, verifying its size and sha256 when they are given.
 
     Raises :class:`WeightsError` for a missing, truncated or corrupt file, or a
-    checksum mismatch.
+    size or checksum mismatch.
     """
     from safetensors.torch import load_file
 
@@ -99,6 +99,13 @@ def read_weights(path: PathLike, sha256: Optional[str] = None) -> dict[str, torc
         raise WeightsError(f"weights file {path} is missing; re-install or re-import the model")
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"{path.name}: only .safetensors weights are loaded directly; import other formats first")
+    if size is not None and path.stat().st_size != size:
+        actual_size = path.stat().st_size
+        what = "is truncated" if actual_size < size else "does not match its model card"
+        raise WeightsError(
+            f"weights file {path} {what}: it holds {actual_size} bytes, its model card says {size}; "
+            "re-install or re-import the model"
+        )
     if sha256 is not None:
         actual = sha256_file(path)
         if actual != sha256:
