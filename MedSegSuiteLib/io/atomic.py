@@ -40,6 +40,37 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running (True when this cannot be told)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    return pid == os.getpid() or psutil.pid_exists(pid)
+
+
+def _remove_stale(target: Path, suffix: str) -> None:
+    """Remove temporary files or folders left beside ``target`` by writers that were killed.
+
+    Temporary names carry the writer's process id (``.<name>.<pid>.<random>.partial<suffix>``),
+    so only leftovers of processes that no longer run are removed.
+    """
+    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
+    prefix = f".{stem}."
+    try:
+        candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in candidates:
+        pid, _, rest = path.name[len(prefix) :].partition(".")
+        if not pid.isdigit() or not rest.endswith(f".partial{suffix}") or _pid_alive(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -49,15 +80,18 @@ def _fsync(path: Path) -> None:
 def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
 
-    The temporary name keeps ``target``'s suffix, so writers that choose the format
-    from the extension still work. If the block raises (or is interrupted), the
-    temporary file is removed and ``target`` is left as it was.
+    The temporary name (hidden, with the writer's process id and ``.partial``) keeps
+    ``target``'s suffix, so writers that choose the format from the extension still
+    work. If the block raises (or is interrupted), the temporary file is removed and
+    ``target`` is left as it was. A temporary file left by a writer that was killed is
+    removed by the next write to the same ``target``.
     """
     target = Path(target)
     _check_target(target, overwrite)
     suffix = compound_suffix(target)
+    _remove_stale(target, suffix)
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".partial{suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -79,7 +113,8 @@ def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
     """
     target = Path(target)
     _check_target(target, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    _remove_stale(target, "")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
         for item in tmp.rglob("*"):

@@ -259,4 +259,7 @@ class ModelRegistry:
         entry = self.get(model_id)
         if entry.source != "user":
             raise ModelError(f"{model_id!r} is a {entry.source} model and cannot be removed")
-        shutil.rmtree(entry.directory)
+        # One rename takes the model out of the listing; an interrupted delete leaves only a hidden folder.
+        doomed = entry.directory.with_name(f".{entry.directory.name}.{os.getpid()}.removing.partial")
+        os.replace(entry.directory, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
