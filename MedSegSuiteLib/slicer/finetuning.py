@@ -6,7 +6,10 @@ volume whose grid it was made on, e.g. a segmentation corrected after **Segment*
 values, matching segments to labels as refinement does
 (:func:`.refinement.match_segments`: name, then terminology type code, then the
 model's own label-value tag); a segment that matches no label is refused before
-anything is sent to the worker.
+anything is sent to the worker. :func:`case_geometry` checks that the segmentation
+lies on its volume's voxel grid: one drawn on another grid over the same region is
+resampled only after the user agrees (:class:`GridQuestion`), one over another region
+is refused.
 
 :class:`FinetuneCurve` keeps the loss and the validation Dice of a run in two
 ``vtkMRMLTableNode`` objects drawn by one ``vtkMRMLPlotChartNode`` (shown in a plot
@@ -27,16 +30,21 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import slicer
 import vtk
+from vtk.util import numpy_support
 
 from ..errors import InputError
+from ..io.segmentation import describe_grid, same_region
+from ..volume import Grid
 from .refinement import match_segments
-from .segmentations import segment_mask
-from .volumes import grid_from_node
+from .segmentations import geometry_matches, segment_ids, segment_mask
+from .volumes import LPS_FROM_RAS, grid_from_node
 
 __all__ = [
     "FinetuneCurve",
     "FinetuneTiming",
+    "GridQuestion",
     "candidate_pairs",
+    "case_geometry",
     "describe_duration",
     "estimate_seconds",
     "parent_label_map",
@@ -51,12 +59,34 @@ _LOSS_COLOUR = (0.85, 0.33, 0.10)
 _DICE_COLOUR = (0.0, 0.45, 0.74)
 
 
-def reference_volume(segmentation_node: Any) -> Optional[Any]:
-    """The volume a segmentation was made on (its reference geometry node), or None."""
+def reference_volume(segmentation_node: Any, scene: Optional[Any] = None) -> Optional[Any]:
+    """The volume a segmentation was made on, or None.
+
+    That is its reference geometry node; a segmentation without one (e.g. loaded from
+    a file) belongs to the one volume of the scene whose grid is exactly its reference
+    geometry, if there is exactly one.
+    """
     node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
-    if node is None or not node.IsA("vtkMRMLVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-        return None
-    return node if node.GetImageData() is not None else None
+    if node is not None:
+        if not node.IsA("vtkMRMLVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return None
+        return node if node.GetImageData() is not None else None
+    scene = scene or segmentation_node.GetScene() or slicer.mrmlScene
+    found = [
+        volume
+        for volume in _volumes(scene)
+        if volume.GetImageData() is not None and geometry_matches(segmentation_node, volume, atol=1e-4)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _volumes(scene: Any) -> list[Any]:
+    return [
+        node
+        for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+        for node in (scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls)))
+        if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetHideFromEditors()
+    ]
 
 
 def candidate_pairs(scene: Optional[Any] = None) -> list[tuple[Any, Any]]:
@@ -67,17 +97,132 @@ def candidate_pairs(scene: Optional[Any] = None) -> list[tuple[Any, Any]]:
         segmentation = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         if segmentation.GetHideFromEditors():
             continue
-        volume = reference_volume(segmentation)
+        volume = reference_volume(segmentation, scene)
         if volume is not None:
             pairs.append((segmentation, volume))
     return pairs
 
 
-def parent_label_map(segmentation_node: Any, volume_node: Any, card: Any) -> np.ndarray:
+class GridQuestion(InputError):
+    """A segmentation lies on another voxel grid than its volume, over the same region.
+
+    It can be resampled onto the volume (nearest neighbour), but only when the user
+    agrees: ask, then start again with ``resample=True``. The message says what differs.
+    """
+
+
+def _matrix(getter: Any) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    getter(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _oriented_grid(image: Any) -> Optional[Grid]:
+    """The LPS grid of a ``vtkOrientedImageData`` (its whole extent), or None when it is empty or degenerate."""
+    extent = image.GetExtent()
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if min(shape) < 1:
+        return None
+    matrix = _matrix(image.GetImageToWorldMatrix)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        return None
+    origin = matrix @ np.array([extent[0], extent[2], extent[4], 1.0])
+    try:
+        return Grid(shape, tuple(spacing), tuple(LPS_FROM_RAS @ origin[:3]), LPS_FROM_RAS @ (matrix[:3, :3] / spacing))
+    except InputError:
+        return None
+
+
+def _segmentation_grid(segmentation_node: Any) -> Optional[Grid]:
+    """The segmentation's reference image geometry (the grid it is edited on), or None when it has none."""
+    converter = slicer.vtkSegmentationConverter
+    text = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()
+    )
+    geometry = slicer.vtkOrientedImageData()
+    if not text or not converter.DeserializeImageGeometry(text, geometry, False):
+        return None
+    return _oriented_grid(geometry)
+
+
+def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
+    """Check that a labelled case's segments lie on its volume; returns "" or what needs resampling.
+
+    "" means every segment's voxels lie on the volume's voxel grid (possibly a cropped
+    part of it) and inside the volume: they are taken as they are. Otherwise, when the
+    segments lie on another grid over the same region as the volume (within one voxel
+    of the coarser grid), the answer describes both grids: resampling (nearest
+    neighbour) needs the user's consent. Raises InputError when the segmentation
+    covers another region or a segment reaches outside the volume.
+    """
+    name, volume_name = segmentation_node.GetName(), volume_node.GetName()
+    volume_grid = grid_from_node(volume_node)
+    to_volume_ijk = np.linalg.inv(_matrix(volume_node.GetIJKToRASMatrix))
+    dims = np.array(volume_node.GetImageData().GetDimensions(), dtype=np.float64)
+    off_grid, outside = [], []
+    other_grid: Optional[Grid] = None
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in segment_ids(segmentation_node):
+        labelmap = slicer.vtkOrientedImageData()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, labelmap
+        ):
+            continue
+        extent = labelmap.GetExtent()
+        scalars = labelmap.GetPointData().GetScalars()
+        if scalars is None or extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+            continue
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        values = numpy_support.vtk_to_numpy(scalars).reshape(shape)
+        found = np.nonzero(values == segmentation.GetSegment(segment_id).GetLabelValue())
+        if found[0].size == 0:
+            continue
+        transform = to_volume_ijk @ _matrix(labelmap.GetImageToWorldMatrix)  # labelmap IJK -> volume IJK
+        shift = transform[:3, 3]
+        on_grid = np.allclose(transform[:3, :3], np.eye(3), atol=1e-4) and np.allclose(
+            shift, np.round(shift), atol=1e-3
+        )
+        if not on_grid:
+            off_grid.append(segmentation.GetSegment(segment_id).GetName())
+            other_grid = other_grid or _oriented_grid(labelmap)
+        # the corners of the segment's voxels (i, j, k), in the volume's voxel indices
+        low = np.array([found[2].min() + extent[0], found[1].min() + extent[2], found[0].min() + extent[4]]) - 0.5
+        high = np.array([found[2].max() + extent[0], found[1].max() + extent[2], found[0].max() + extent[4]]) + 0.5
+        corners = np.array([[(high if (bits >> a) & 1 else low)[a] for a in range(3)] + [1.0] for bits in range(8)])
+        ijk = (transform @ corners.T).T[:, :3]
+        if on_grid:
+            slack = np.full(3, 1e-3)
+        else:  # one voxel of the coarser grid, as for the region check
+            spacing = np.linalg.norm(transform[:3, :3], axis=0)
+            slack = np.full(3, max(1.0, float(spacing.max())))
+        if np.any(ijk < -0.5 - slack) or np.any(ijk > dims - 0.5 + slack):
+            outside.append(segmentation.GetSegment(segment_id).GetName())
+    if not off_grid and not outside:
+        return ""
+    grid = _segmentation_grid(segmentation_node)
+    if grid is None or grid.same_as(volume_grid, atol=1e-3):
+        grid = other_grid
+    described = f"{name!r} has {describe_grid(grid)}; {volume_name!r} has {describe_grid(volume_grid)}"
+    if outside or grid is None or not same_region(grid, volume_grid):
+        where = f" (segment(s) {', '.join(repr(s) for s in outside)} reach outside the volume)" if outside else ""
+        raise InputError(
+            f"{name!r} was not drawn on {volume_name!r}: it covers another region{where}; {described}. "
+            f"Choose the volume it was drawn on as its reference geometry (Segment Editor: Specify geometry)"
+        )
+    return (
+        f"{name!r} was drawn on another voxel grid than {volume_name!r}, over the same region: {described}; "
+        "its segments must be resampled onto the volume (nearest neighbour) to learn from it"
+    )
+
+
+def parent_label_map(segmentation_node: Any, volume_node: Any, card: Any, resample: bool = False) -> np.ndarray:
     """The segmentation as one ``[k, j, i]`` label map in ``card``'s label values on the volume's grid.
 
     Raises InputError naming the segments when one matches no label of the model (or
-    two match the same label), or when the segmentation has no segments.
+    two match the same label), or when the segmentation has no segments, or when it
+    does not lie on the volume (see :func:`case_geometry`); raises :class:`GridQuestion`
+    when it lies on another grid over the same region and ``resample`` is False.
     """
     matches, unknown = match_segments(segmentation_node, card)
     name = segmentation_node.GetName()
@@ -89,6 +234,9 @@ def parent_label_map(segmentation_node: Any, volume_node: Any, card: Any) -> np.
         )
     if not matches:
         raise InputError(f"{name!r} has no segments; paint the structures ({names}) first")
+    difference = case_geometry(segmentation_node, volume_node)
+    if difference and not resample:
+        raise GridQuestion(difference)
     grid = grid_from_node(volume_node)
     dtype = np.uint8 if max(label.value for label in card.labels) <= 255 else np.uint16
     labels = np.zeros(grid.shape, dtype=dtype)

@@ -479,6 +479,7 @@ class SegmentationLogic:
         curve: Optional[FinetuneCurve] = None,
         held_out: Optional[int] = None,
         seed: int = 0,
+        resample: bool = False,
     ) -> TaskStatus:
         """Send a finetuning of ``parent`` to the worker (or, with ``measure`` > 0, a timing of it).
 
@@ -488,7 +489,10 @@ class SegmentationLogic:
         are skipped) and the images in ``unlabelled_folder`` are the unlabelled cases.
         ``resume`` continues the newest unfinished run of the parent. ``curve`` receives
         the loss and validation records (cleared first). Raises InputError (nothing is
-        sent) when a choice cannot work, e.g. a segment that matches no label of the parent.
+        sent) when a choice cannot work, e.g. a segment that matches no label of the parent
+        or a segmentation that does not lie on its volume; raises
+        :class:`~.finetuning.GridQuestion` for a segmentation on another grid over the
+        same region as its volume unless ``resample`` (nearest neighbour) is allowed.
         """
         if self._task is not None:
             raise InputError("a job is already running: wait for it or cancel it")
@@ -507,7 +511,7 @@ class SegmentationLogic:
         for node in [volume for _, volume in pairs] + extra:
             if card.dims == 3 and grid_from_node(node).shape[0] == 1:
                 raise InputError(f"{card.name} is a 3D model and {node.GetName()!r} is a single 2D image")
-        label_maps = [parent_label_map(segmentation, volume, card) for segmentation, volume in pairs]
+        label_maps = [parent_label_map(segmentation, volume, card, resample) for segmentation, volume in pairs]
         if not any(labels.any() for labels in label_maps):
             raise InputError("every checked segmentation is empty: paint the structures to learn first")
         key = self.finetune_key(entry, pairs, extra, folder, device)

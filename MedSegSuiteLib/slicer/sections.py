@@ -705,21 +705,34 @@ class FinetuneSection:
         if problem:
             panel.show_status(TaskStatus("idle", problem))
             return
-        try:
-            status = panel.logic.start_finetune(
-                self.current_entry(),
-                self.pairs(),
-                self.unlabelled(),
-                self.folder(),
-                iterations=self.iterations(),
-                device=self._device(),
-                resume=resume,
-                measure=measure,
-                curve=None if measure else self._curve(),
-            )
-        except (MedSegSuiteError, OSError) as error:
-            panel.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
-            return
+        from .finetuning import GridQuestion
+
+        resample = False
+        while True:
+            try:
+                status = panel.logic.start_finetune(
+                    self.current_entry(),
+                    self.pairs(),
+                    self.unlabelled(),
+                    self.folder(),
+                    iterations=self.iterations(),
+                    device=self._device(),
+                    resume=resume,
+                    measure=measure,
+                    curve=None if measure else self._curve(),
+                    resample=resample,
+                )
+            except GridQuestion as question:
+                text = _sentence(str(question)) + ".\n\nResample it onto the volume and continue?"
+                if resample or not slicer.util.confirmOkCancelDisplay(text, windowTitle="MedSegSuite: finetune"):
+                    panel.show_status(TaskStatus("idle", "Not started: " + _sentence(str(question)) + "."))
+                    return
+                resample = True
+                continue
+            except (MedSegSuiteError, OSError) as error:
+                panel.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
+                return
+            break
         panel.job_started(status)
 
     def job_ended(self, status: TaskStatus) -> None:

@@ -236,6 +236,91 @@ def test_labels_that_do_not_match_the_parent_are_refused_before_anything_is_sent
     assert panel.factory.last.received[-1]["kind"] == "finetune"
 
 
+def _coarse_copy(volume, mask, name, shift_mm=(0.0, 0.0, 0.0)):
+    """A segmentation of ``mask`` painted on a grid twice as coarse over the same region as ``volume``
+    (moved by ``shift_mm`` LPS), whose reference volume is ``volume``; returns (segmentation, coarse mask)."""
+    import slicer
+
+    from MedSegSuiteLib.slicer.testing import add_painted_segmentation
+    from MedSegSuiteLib.slicer.volumes import add_volume_node, grid_from_node
+    from MedSegSuiteLib.volume import Volume
+
+    fine = grid_from_node(volume)
+    spacing = np.array(fine.spacing) * 2
+    origin = np.array(fine.origin) + np.array(fine.spacing) / 2 + np.array(shift_mm)  # same outer edges
+    coarse_mask = mask[::2, ::2, ::2]
+    coarse = add_volume_node(Volume(coarse_mask.astype(np.float32), tuple(spacing), tuple(origin)), f"{name} grid")
+    segmentation = add_painted_segmentation(coarse, {"Ball": (coarse_mask, (230, 60, 40))}, name=name)
+    segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), volume.GetID())
+    slicer.mrmlScene.RemoveNode(coarse)
+    slicer_harness.process_events()
+    return segmentation, coarse_mask
+
+
+def test_a_segmentation_on_another_grid_over_the_same_region_is_resampled_only_when_the_user_agrees(panel, monkeypatch):
+    import slicer
+
+    ui = panel.ui
+    cases, _ = _cases(count=1)
+    volume, painted, mask = cases[0]
+    slicer.mrmlScene.RemoveNode(painted)
+    segmentation, coarse_mask = _coarse_copy(volume, mask, "Coarse")
+    assert [text for text, _, _ in _items(ui.finetuneLabelledList)] == ["Faint 0 + Coarse"]
+    questions, answers = [], [False, True]
+    monkeypatch.setattr(
+        slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: questions.append(text) or answers.pop(0)
+    )
+    _choose(panel, [(volume, segmentation, None)])
+    ui.finetuneStartButton.click()
+    assert len(questions) == 1 and not panel.factory.processes  # declined: nothing was sent
+    assert "'Coarse' was drawn on another voxel grid than 'Faint 0', over the same region" in questions[0]
+    assert "spacing" in questions[0] and questions[0].endswith("Resample it onto the volume and continue?")
+    assert _text(ui.statusLabel).startswith("Not started: 'Coarse' was drawn on another voxel grid")
+
+    ui.finetuneStartButton.click()  # this time the user agrees
+    _wait(panel, lambda: panel.factory.last.held)
+    assert len(questions) == 2
+    label = read_image(panel.factory.last.received[-1]["params"]["labelled"][0]["label"])
+    expected = coarse_mask.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    assert label.grid.same_as(read_image(panel.factory.last.received[-1]["params"]["labelled"][0]["image"]).grid)
+    assert np.array_equal(label.array, expected)  # nearest neighbour onto the volume's grid
+
+
+def test_a_segmentation_of_another_region_is_refused_without_asking(panel, monkeypatch):
+    import slicer
+
+    ui = panel.ui
+    cases, _ = _cases(count=1)
+    volume, painted, mask = cases[0]
+    slicer.mrmlScene.RemoveNode(painted)
+    segmentation, _ = _coarse_copy(volume, mask, "Elsewhere", shift_mm=(0.0, 0.0, 40.0))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: pytest.fail("must not ask"))
+    _choose(panel, [(volume, segmentation, None)])
+    ui.finetuneStartButton.click()
+    status = _text(ui.statusLabel)
+    assert status.startswith("'Elsewhere' was not drawn on 'Faint 0': it covers another region"), status
+    assert "reach outside the volume" in status and "Specify geometry" in status
+    assert not panel.logic.busy and not panel.factory.processes
+
+
+def test_a_segmentation_without_a_reference_volume_pairs_with_the_one_volume_of_its_grid(panel):
+    import slicer
+
+    from MedSegSuiteLib.slicer.testing import add_faint_ball_case
+
+    ui = panel.ui
+    cases, spare = _cases(count=1)
+    volume, segmentation, _ = cases[0]
+    slicer.mrmlScene.RemoveNode(spare)  # it has the same grid
+    segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), None)  # as if loaded
+    add_faint_ball_case("Other grid", shape=(12, 20, 20))
+    panel.panel.finetune.refresh_cases()
+    assert [text for text, _, _ in _items(ui.finetuneLabelledList)] == ["Faint 0 + Faint 0 segmentation"]
+    add_faint_ball_case("Same grid", seed=5, shape=(10, 20, 20), radius=3.0)
+    panel.panel.finetune.refresh_cases()
+    assert _items(ui.finetuneLabelledList) == []  # two volumes on its grid: which one is unknown
+
+
 def test_estimate_times_a_few_iterations_and_scales_with_the_iterations(panel):
     ui = panel.ui
     cases, _ = _cases(count=1)
