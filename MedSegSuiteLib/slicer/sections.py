@@ -402,7 +402,7 @@ class FinetuneSection:
             labels = ", ".join(label.name for label in entry.card.labels)
             tip = (
                 f"{entry.card.name} is never changed: the result is a new model {entry.card.id}-ft-<n>. "
-                f"Its labels: {labels} (segments are matched to them by name)."
+                f"Its labels: {labels} (segments are matched to them by name, terminology code or label value)."
             )
         self.ui.finetuneModelSelector.setToolTip(tip)
 
