@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .io.atomic import compound_suffix
+from .io.atomic import compound_suffix, remove_stale_partials
 from .io.segmentation import OVERLAP_MODES, Segmentation
 from .volume import Grid, Volume
 
@@ -174,7 +174,8 @@ def _atomic_files(targets: Sequence[Path], overwrite: bool) -> Iterator[list[Pat
         for target in targets:
             suffix = compound_suffix(target)
             stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-            fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{suffix}", dir=target.parent)
+            remove_stale_partials(target, suffix)
+            fd, name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".partial{suffix}", dir=target.parent)
             os.close(fd)
             temps.append(Path(name))
         yield temps

@@ -11,7 +11,7 @@ from typing import Iterator, Union
 
 from ..errors import InputError
 
-__all__ = ["atomic_directory", "atomic_output", "compound_suffix"]
+__all__ = ["atomic_directory", "atomic_output", "compound_suffix", "remove_stale_partials"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _COMPOUND = (".nii.gz", ".seg.nrrd", ".tar.gz")
@@ -49,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
     return pid == os.getpid() or psutil.pid_exists(pid)
 
 
-def _remove_stale(target: Path, suffix: str) -> None:
+def remove_stale_partials(target: Path, suffix: str) -> None:
     """Remove temporary files or folders left beside ``target`` by writers that were killed.
 
     Temporary names carry the writer's process id (``.<name>.<pid>.<random>.partial<suffix>``),
@@ -89,7 +89,7 @@ def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     _check_target(target, overwrite)
     suffix = compound_suffix(target)
-    _remove_stale(target, suffix)
+    remove_stale_partials(target, suffix)
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".partial{suffix}", dir=target.parent)
     os.close(fd)
@@ -113,7 +113,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
     """
     target = Path(target)
     _check_target(target, overwrite)
-    _remove_stale(target, "")
+    remove_stale_partials(target, "")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp

@@ -85,6 +85,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None
         self.iteration = 0
+        self.validation_due = False  # the current iteration's validation has not finished yet
         card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
 
     # -- state ---------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "best": json.dumps(self.best),
             "settings": json.dumps(asdict(self.settings)),
+            "validation_due": self.validation_due,
         }
         with atomic_output(self.workdir / CHECKPOINT, overwrite=True) as tmp:
             torch.save(state, tmp)
@@ -109,6 +111,7 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"])
+        self.validation_due = bool(state.get("validation_due", False))
         log.info("resumed training at iteration %d", self.iteration)
 
     # -- validation ----------------------------------------------------------------------
@@ -168,6 +171,9 @@ class Trainer:
         settings = self.settings
         last_checkpoint = time.monotonic()
         log_every = max(1, settings.iterations // 200)
+        if self.validation_due:  # cancelled during a validation: finish it first
+            self._validate_and_keep_best(cancel, record)
+            last_checkpoint = time.monotonic()
         while self.iteration < settings.iterations:
             check_cancelled(cancel)
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + self.iteration)
@@ -183,17 +189,22 @@ class Trainer:
                 record({"iteration": self.iteration, **{k: round(float(v), 6) for k, v in parts.items()}})
             report(progress, self.iteration, settings.iterations, "training")
             if self.iteration % settings.validate_every == 0 or self.iteration == settings.iterations:
-                metrics = self.validate(cancel)
-                self.recipe.validated(float(metrics["dice"]))
-                record({"iteration": self.iteration, "val_dice": metrics["dice"], "val_hd95": metrics["hd95"]})
-                if self.best is None or metrics["dice"] > self.best["dice"]:
-                    self.best = {**metrics, "iteration": self.iteration}
-                    save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
-                self._save_checkpoint()
+                self.validation_due = True
+                self._validate_and_keep_best(cancel, record)
                 last_checkpoint = time.monotonic()
             elif time.monotonic() - last_checkpoint > settings.checkpoint_minutes * 60:
                 self._save_checkpoint()
                 last_checkpoint = time.monotonic()
+
+    def _validate_and_keep_best(self, cancel, record) -> None:  # noqa: ANN001
+        metrics = self.validate(cancel)
+        self.recipe.validated(float(metrics["dice"]))
+        record({"iteration": self.iteration, "val_dice": metrics["dice"], "val_hd95": metrics["hd95"]})
+        if self.best is None or metrics["dice"] > self.best["dice"]:
+            self.best = {**metrics, "iteration": self.iteration}
+            save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
+        self.validation_due = False
+        self._save_checkpoint()
 
     def _finish(self, seconds: float, overwrite: bool) -> ModelEntry:
         assert self.best is not None
