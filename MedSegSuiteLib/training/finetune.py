@@ -38,6 +38,8 @@ __all__ = ["FinetuneOptions", "finetune_model", "load_labelled", "next_finetune_
 
 log = logging.getLogger(__name__)
 _RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+#: The mean teacher's default (Adam) learning rate is a tenth of the family's, at most this.
+MEAN_TEACHER_MAX_LR = 1e-4
 
 
 @dataclass
@@ -51,7 +53,7 @@ class FinetuneOptions:
     model_id: Optional[str] = None
     iterations: int = 200
     batch_size: Optional[int] = None
-    lr: Optional[float] = None
+    lr: Optional[float] = None  # default: a tenth of the family's (at most MEAN_TEACHER_MAX_LR for the mean teacher)
     device: str = "auto"
     seed: int = 0
     held_out: Optional[int] = None  # default: 20% of the labelled cases (at least one) when there are 3 or more
@@ -203,7 +205,9 @@ def finetune_model(
     if hasattr(module, "make_finetune"):
         recipe = module.make_finetune(network, run)
     else:
-        known = ("ema", "consistency", "rampup", "noise", "unlabelled_batch")
+        known = ("ema", "consistency", "rampup", "noise", "unlabelled_batch", "frozen_norm")
+        if options.lr is None:  # a tenth of an SGD family's rate is a from-scratch rate for Adam
+            lr = min(lr, MEAN_TEACHER_MAX_LR)
         recipe = MeanTeacherRecipe(
             network,
             options.iterations,

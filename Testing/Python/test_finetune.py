@@ -107,6 +107,46 @@ def test_unlabelled_consistency_alone_changes_the_weights(unet3d_dir, dark_balls
     assert changed, "the consistency term alone must move the student's weights"
 
 
+def test_the_mean_teacher_keeps_the_parents_batchnorm_statistics_unless_told_not_to(dark_balls):
+    from MedSegSuiteLib.training.datasets import discover_cases, load_case
+
+    items = [(c.id, *load_case(c)) for c in discover_cases(dark_balls / "labelled")][:2]
+    unlabelled = [(c.id, load_case(c)[0], None) for c in discover_cases(dark_balls / "unlabelled", False)][:2]
+    norm = {"kind": "zscore"}
+    data = TrainingData(
+        PatchStore(items, [1], 1, norm),
+        2,
+        Augment(),
+        unlabelled=PatchStore(unlabelled, [1], 1, norm),
+        patch_zyx=(8, 16, 16),
+    )
+
+    def network():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1)
+        )
+        net[1].running_mean.fill_(0.25)
+        net[1].running_var.fill_(2.0)
+        return net
+
+    frozen = MeanTeacherRecipe(network(), 5, lr=1e-2, rampup=0.0, amp=False)
+    weight = frozen.student[1].weight.detach().clone()
+    for iteration in range(3):
+        frozen.step(data, torch.Generator().manual_seed(iteration), iteration)
+    for net in (frozen.student, frozen.network):  # student and teacher keep the parent's statistics
+        assert torch.equal(net[1].running_mean, torch.full((4,), 0.25))
+        assert torch.equal(net[1].running_var, torch.full((4,), 2.0))
+        assert net[1].num_batches_tracked.item() == 0
+    assert not torch.equal(frozen.student[1].weight, weight), "the BatchNorm scale still learns"
+    assert frozen.describe()["frozen_norm"] is True
+
+    free = MeanTeacherRecipe(network(), 5, lr=1e-2, rampup=0.0, amp=False, frozen_norm=False)
+    free.step(data, torch.Generator().manual_seed(0), 0)
+    assert not torch.equal(free.student[1].running_mean, torch.full((4,), 0.25))
+    assert torch.equal(free.network[1].running_mean, free.student[1].running_mean)
+
+
 def test_labels_the_parent_does_not_know_are_refused_before_training(home, unet3d_dir, dark_balls, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()

@@ -6,6 +6,11 @@ average of the student's. Both see the same unlabelled images under independent 
 the consistency term is the mean squared difference of their probabilities, weighted by
 ``consistency x exp(-5 (1 - t / ramp)^2)`` (the usual sigmoid ramp-up over the first
 ``rampup`` share of the run). The teacher is what is validated and saved.
+
+By default BatchNorm layers keep the parent's running statistics (they normalise in
+eval mode while their scale and shift still learn): a finetuning batch of two patches,
+half of them noisy unlabelled ones, would otherwise overwrite statistics gathered over
+a whole training run within a few iterations and make a good parent worse.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ def main_logits(output: Any) -> torch.Tensor:
     return main_logits(output[0])
 
 
+def _freeze_batchnorm_statistics(network: nn.Module) -> None:
+    """Put every BatchNorm layer of a training-mode ``network`` in eval mode (running statistics stay)."""
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _default_loss(network: nn.Module, images: torch.Tensor, classes: torch.Tensor):  # noqa: ANN202
     return dice_ce_loss(main_logits(network(images)), classes), {}
 
@@ -59,6 +71,7 @@ class MeanTeacherRecipe(Recipe):
         consistency: maximum weight of the consistency term; rampup: its ramp-up share of the run.
         noise: standard deviation of the Gaussian input noise (normalised units) for each network.
         unlabelled_batch: unlabelled images per iteration (default: the labelled batch size).
+        frozen_norm: keep the BatchNorm running statistics of the starting network (default True).
     """
 
     def __init__(
@@ -77,6 +90,7 @@ class MeanTeacherRecipe(Recipe):
         unlabelled_batch: Optional[int] = None,
         device: Optional[torch.device] = None,
         amp: bool = True,
+        frozen_norm: bool = True,
     ) -> None:
         self.device = device or torch.device("cpu")
         self.student = network.to(self.device)
@@ -93,6 +107,7 @@ class MeanTeacherRecipe(Recipe):
         self.rampup = int(round(rampup * iterations))
         self.unlabelled_batch = unlabelled_batch
         self.amp = amp
+        self.frozen_norm = bool(frozen_norm)
         self.settings = {
             "recipe": "mean teacher",
             "optimizer": optimizer,
@@ -102,6 +117,7 @@ class MeanTeacherRecipe(Recipe):
             "consistency": consistency,
             "rampup_iterations": self.rampup,
             "noise": noise,
+            "frozen_norm": self.frozen_norm,
         }
 
     def _noisy(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -121,6 +137,9 @@ class MeanTeacherRecipe(Recipe):
         images, classes = images.to(self.device), classes.to(self.device)
         self.student.train()
         self.network.train()
+        if self.frozen_norm:
+            for network in (self.student, self.network):
+                _freeze_batchnorm_statistics(network)
         with autocast(self.device, self.amp):
             loss, parts = self.loss_fn(self.student, images, classes)
         parts = {"supervised": float(loss.detach()), **parts}
