@@ -150,11 +150,12 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
     """Check that a labelled case's segments lie on its volume; returns "" or what needs resampling.
 
     "" means every segment's voxels lie on the volume's voxel grid (possibly a cropped
-    part of it) and inside the volume: they are taken as they are. Otherwise, when the
-    segments lie on another grid over the same region as the volume (within one voxel
-    of the coarser grid), the answer describes both grids: resampling (nearest
-    neighbour) needs the user's consent. Raises InputError when the segmentation
-    covers another region or a segment reaches outside the volume.
+    part of it) and inside the volume: they are taken as they are. Otherwise, when some
+    segments lie on another grid, inside the volume, and the segmentation's own grid
+    (its reference geometry) is the volume's or covers the same region (both within
+    one voxel of the coarser grid), the answer describes both grids: resampling
+    (nearest neighbour) needs the user's consent. Raises InputError when the
+    segmentation covers another region or a segment reaches outside the volume.
     """
     name, volume_name = segmentation_node.GetName(), volume_node.GetName()
     volume_grid = grid_from_node(volume_node)
@@ -175,9 +176,11 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
             continue
         shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
         values = numpy_support.vtk_to_numpy(scalars).reshape(shape)
-        found = np.nonzero(values == segmentation.GetSegment(segment_id).GetLabelValue())
-        if found[0].size == 0:
+        mask = values == segmentation.GetSegment(segment_id).GetLabelValue()
+        ks = np.flatnonzero(mask.any(axis=(1, 2)))
+        if ks.size == 0:
             continue
+        js, is_ = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
         transform = to_volume_ijk @ _matrix(labelmap.GetImageToWorldMatrix)  # labelmap IJK -> volume IJK
         shift = transform[:3, 3]
         on_grid = np.allclose(transform[:3, :3], np.eye(3), atol=1e-4) and np.allclose(
@@ -187,8 +190,8 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
             off_grid.append(segmentation.GetSegment(segment_id).GetName())
             other_grid = other_grid or _oriented_grid(labelmap)
         # the corners of the segment's voxels (i, j, k), in the volume's voxel indices
-        low = np.array([found[2].min() + extent[0], found[1].min() + extent[2], found[0].min() + extent[4]]) - 0.5
-        high = np.array([found[2].max() + extent[0], found[1].max() + extent[2], found[0].max() + extent[4]]) + 0.5
+        low = np.array([is_[0] + extent[0], js[0] + extent[2], ks[0] + extent[4]]) - 0.5
+        high = np.array([is_[-1] + extent[0], js[-1] + extent[2], ks[-1] + extent[4]]) + 0.5
         corners = np.array([[(high if (bits >> a) & 1 else low)[a] for a in range(3)] + [1.0] for bits in range(8)])
         ijk = (transform @ corners.T).T[:, :3]
         if on_grid:
@@ -201,10 +204,15 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
     if not off_grid and not outside:
         return ""
     grid = _segmentation_grid(segmentation_node)
-    if grid is None or grid.same_as(volume_grid, atol=1e-3):
-        grid = other_grid
-    described = f"{name!r} has {describe_grid(grid)}; {volume_name!r} has {describe_grid(volume_grid)}"
-    if outside or grid is None or not same_region(grid, volume_grid):
+    if grid is None or grid.same_as(volume_grid, atol=1e-3):  # only segments are off the grid: they decide
+        grid, region_ok = other_grid, True
+    else:
+        region_ok = same_region(grid, volume_grid)
+    described = (
+        f"{name!r} has {describe_grid(grid) if grid is not None else 'another grid'}; "
+        f"{volume_name!r} has {describe_grid(volume_grid)}"
+    )
+    if outside or not region_ok:
         where = f" (segment(s) {', '.join(repr(s) for s in outside)} reach outside the volume)" if outside else ""
         raise InputError(
             f"{name!r} was not drawn on {volume_name!r}: it covers another region{where}; {described}. "

@@ -303,6 +303,46 @@ def test_a_segmentation_of_another_region_is_refused_without_asking(panel, monke
     assert not panel.logic.busy and not panel.factory.processes
 
 
+def _set_cropped_labelmap(segmentation, segment_id, volume, mask, shift_ijk=(0.0, 0.0, 0.0)):
+    """Store ``mask`` cropped to its bounding box (as Slicer keeps edited segments), on ``volume``'s lattice
+    moved by ``shift_ijk`` voxels."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    ks, js, is_ = (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    box = mask[ks[0] : ks[-1] + 1, js[0] : js[-1] + 1, is_[0] : is_[-1] + 1].astype(np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(is_[0], is_[-1], js[0], js[-1], ks[0], ks[-1])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = box.ravel()
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    moved = [sum(matrix.GetElement(r, c) * shift_ijk[c] for c in range(3)) for r in range(3)]
+    for r in range(3):
+        matrix.SetElement(r, 3, matrix.GetElement(r, 3) + moved[r])
+    image.SetImageToWorldMatrix(matrix)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation, segment_id)
+
+
+def test_segments_cropped_on_the_volumes_grid_are_taken_as_they_are_and_a_shifted_grid_asks(panel):
+    from MedSegSuiteLib.slicer.finetuning import GridQuestion, case_geometry, parent_label_map
+
+    cases, _ = _cases(count=1)
+    volume, segmentation, mask = cases[0]
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(0)
+    card = panel.panel.finetune.current_entry().card
+    _set_cropped_labelmap(segmentation, segment_id, volume, mask)
+    assert case_geometry(segmentation, volume) == ""
+    assert np.array_equal(parent_label_map(segmentation, volume, card), mask)
+
+    _set_cropped_labelmap(segmentation, segment_id, volume, mask, shift_ijk=(0.5, 0.0, 0.0))  # half a voxel
+    assert "was drawn on another voxel grid than 'Faint 0', over the same region" in case_geometry(segmentation, volume)
+    with pytest.raises(GridQuestion):
+        parent_label_map(segmentation, volume, card)
+    assert parent_label_map(segmentation, volume, card, resample=True).sum() > 0
+
+
 def test_a_segmentation_without_a_reference_volume_pairs_with_the_one_volume_of_its_grid(panel):
     import slicer
 
