@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .io.atomic import compound_suffix, remove_stale_partials
+from .io.atomic import check_folder, compound_suffix, new_partial, remove_stale_partials
 from .io.segmentation import OVERLAP_MODES, Segmentation
 from .volume import Grid, Volume
 
@@ -157,8 +156,7 @@ def _check_targets(targets: Sequence[Path], overwrite: bool) -> None:
     for target in targets:
         if target.exists() and not overwrite:
             raise InputError(f"{target} already exists; pass --overwrite to replace it")
-        if not target.parent.is_dir():
-            raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
+        check_folder(target)
 
 
 @contextmanager
@@ -172,12 +170,8 @@ def _atomic_files(targets: Sequence[Path], overwrite: bool) -> Iterator[list[Pat
     temps: list[Path] = []
     try:
         for target in targets:
-            suffix = compound_suffix(target)
-            stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-            remove_stale_partials(target, suffix)
-            fd, name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".partial{suffix}", dir=target.parent)
-            os.close(fd)
-            temps.append(Path(name))
+            remove_stale_partials(target, compound_suffix(target))
+            temps.append(new_partial(target))
         yield temps
         for tmp in temps:
             with open(tmp, "rb") as handle:

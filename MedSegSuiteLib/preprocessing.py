@@ -60,7 +60,10 @@ def match_channels(array: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(array, 3, axis=0)
     if have == 3 and channels == 1:
         return np.tensordot(_LUMA, array.astype(np.float32, copy=False), axes=(0, 0))[None]
-    raise InputError(f"the model expects {channels}-channel images but this image has {have} channels")
+    raise InputError(
+        f"the model expects {channels}-channel images but this image has {have} channels; "
+        f"choose a model for {have}-channel images or make a {channels}-channel copy of the image first"
+    )
 
 
 def normalize(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:

@@ -11,7 +11,14 @@ from typing import Iterator, Union
 
 from ..errors import InputError
 
-__all__ = ["atomic_directory", "atomic_output", "compound_suffix", "remove_stale_partials"]
+__all__ = [
+    "atomic_directory",
+    "atomic_output",
+    "check_folder",
+    "compound_suffix",
+    "new_partial",
+    "remove_stale_partials",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _COMPOUND = (".nii.gz", ".seg.nrrd", ".tar.gz")
@@ -26,11 +33,36 @@ def compound_suffix(path: PathLike) -> str:
     return Path(name).suffix
 
 
+def check_folder(target: Path) -> None:
+    """Raise InputError unless ``target``'s folder exists (as a folder)."""
+    if not target.parent.is_dir():
+        what = "is a file, not a folder" if target.parent.exists() else "does not exist"
+        raise InputError(f"cannot write {target}: folder {target.parent} {what}")
+
+
 def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise InputError(f"{target} already exists; choose another name or ask to overwrite it")
-    if not target.parent.is_dir():
-        raise InputError(f"cannot write {target}: folder {target.parent} does not exist")
+    check_folder(target)
+
+
+def new_partial(target: Path, directory: bool = False) -> Path:
+    """Create the temporary file (or folder) a write of ``target`` starts with, beside it (see
+    :func:`remove_stale_partials` for its name); InputError when the folder takes no new files."""
+    suffix = "" if directory else compound_suffix(target)
+    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
+    prefix, end = f".{stem}.{os.getpid()}.", f".partial{suffix}"
+    try:
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=prefix, suffix=end, dir=target.parent))
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=end, dir=target.parent)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(
+            f"cannot write {target}: folder {target.parent} does not take new files ({reason}); choose another folder"
+        ) from None
+    os.close(fd)
+    return Path(name)
 
 
 def _default_mode(directory: bool) -> int:
@@ -88,12 +120,8 @@ def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     _check_target(target, overwrite)
-    suffix = compound_suffix(target)
-    remove_stale_partials(target, suffix)
-    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".partial{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale_partials(target, compound_suffix(target))
+    tmp = new_partial(target)
     try:
         yield tmp
         _fsync(tmp)
@@ -114,7 +142,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False) -> Iterator[Path
     target = Path(target)
     _check_target(target, overwrite)
     remove_stale_partials(target, "")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
+    tmp = new_partial(target, directory=True)
     try:
         yield tmp
         for item in tmp.rglob("*"):

@@ -114,13 +114,27 @@ def _write_seg_nrrd(segmentation_node: Any, path: Path) -> None:
         raise InputError(f"Slicer could not write {segmentation_node.GetName()!r} to a temporary file")
 
 
+def _has_voxels(segmentation_node: Any, segment_id: str) -> bool:
+    """Whether the segment holds any voxel on its own geometry."""
+    from vtk.util import numpy_support
+
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap
+    ):
+        return False
+    scalars = labelmap.GetPointData().GetScalars()
+    value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return scalars is not None and bool((numpy_support.vtk_to_numpy(scalars) == value).any())
+
+
 def _write_on_grid(segmentation_node: Any, reference_node: Any, path: Path) -> None:
     """Write the node's segments resampled onto the reference volume's grid (for nodes on another geometry)."""
     from ..io.seg_nrrd import write_seg_nrrd
     from ..io.segmentation import Segment, Segmentation
 
     segmentation = segmentation_node.GetSegmentation()
-    masks, records = [], []
+    masks, records, outside = [], [], []
     for index, segment_id in enumerate(segment_ids(segmentation_node)):
         segment = segmentation.GetSegment(segment_id)
         try:
@@ -142,6 +156,13 @@ def _write_on_grid(segmentation_node: Any, reference_node: Any, path: Path) -> N
             )
         )
         masks.append(segment_mask(segmentation_node, segment_id, reference_node))
+        if not masks[-1].any() and _has_voxels(segmentation_node, segment_id):
+            outside.append(segment.GetName())
+    if outside:
+        raise InputError(
+            f"segment(s) {', '.join(repr(name) for name in outside)} of {segmentation_node.GetName()!r} lie outside "
+            f"volume {reference_node.GetName()!r}: choose the volume the segmentation was made on as the input volume"
+        )
     write_seg_nrrd(Segmentation.from_masks(grid_from_node(reference_node), masks, records), path, compress=False)
 
 
@@ -167,8 +188,9 @@ def export_segmentation(
     ``.seg.nrrd``, ``.nii.gz`` / ``.nii`` / ``.nrrd`` (label map + ``.labels.json``
     table) or ``.dcm`` (DICOM SEG). With ``reference_node`` the result lies on that
     volume's grid (segments on another geometry are resampled onto it, nearest
-    neighbour; voxels outside the volume are dropped). A DICOM SEG references ``dicom_folder`` or, by
-    default, the DICOM files ``reference_node`` was loaded from. Existing files are
+    neighbour; voxels outside the volume are dropped, and a segment with voxels but none inside the
+    volume is refused). A DICOM SEG references ``dicom_folder`` or, by default, the DICOM files
+    ``reference_node`` was loaded from. Existing files are
     replaced only with ``overwrite``. Raises InputError with a one-line reason.
     """
     from ..export import export, table_path_for

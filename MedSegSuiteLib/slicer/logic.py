@@ -21,6 +21,7 @@ this process (:mod:`.exporting`).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import time
@@ -674,15 +675,22 @@ class SegmentationLogic:
             elif kind == "cancelled":
                 self._finish(self._finetune_stopped(task, "") if task.kind == "finetune" else self._cancelled())
             elif kind == "error":
-                self._finish(
-                    TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {message['message']}")
-                )
+                text = self._name_job_files(task, str(message["message"]))
+                self._finish(TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {text}"))
             elif kind == "died":
                 text = message["message"][0].upper() + message["message"][1:] + "."
                 self._finish(
                     self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text)
                 )
         return self.status
+
+    def _name_job_files(self, task: _Task, text: str) -> str:
+        """A worker's error with the job's copy of the input volume called by the volume's name, not its file."""
+        node = self.scene.GetNodeByID(task.input_node_id)
+        if node is None or task.kind not in ("segment", "refine"):
+            return text
+        copy = str(task.job_dir / "input.nrrd")
+        return re.sub(r"(?<![\w.-])input\.nrrd\b", f"volume {node.GetName()!r}", text.replace(copy, "input.nrrd"))
 
     @staticmethod
     def _time_left(task: _Task, done: int, total: int) -> str:

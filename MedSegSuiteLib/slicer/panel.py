@@ -230,7 +230,14 @@ class SegmentPanel(VTKObservationMixin):
             )
             self.ui.fastCheckBox.setEnabled(False)
             return
-        self.ui.modelInfoLabel.setText(describe_model(entry.card))
+        text = describe_model(entry.card)
+        if self.logic.problems:  # broken model folders are skipped: say which, or they vanish without a word
+            from html import escape
+
+            text += "<br><br><b>Not listed</b> (fix or remove these models): " + "; ".join(
+                escape(problem) for problem in self.logic.problems
+            )
+        self.ui.modelInfoLabel.setText(text)
         has_fast = bool(entry.card.inference.fast)
         self.ui.fastCheckBox.setEnabled(has_fast and not self.logic.busy)
         self.ui.fastCheckBox.setToolTip(
