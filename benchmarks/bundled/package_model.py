@@ -82,6 +82,7 @@ def main() -> None:
         "fp16_dice_change": round(half["dice"] - full["dice"], 5),
     }
     target = Path(args.output) / card["id"]
+    target.parent.mkdir(parents=True, exist_ok=True)
     entry = save_model(
         target,
         trained.network,
