@@ -208,7 +208,17 @@ def _label_table(text: Optional[str]) -> Optional[list[dict[str, Any]]]:
     if text is None:
         return None
     if text.endswith(".json"):
-        return json.loads(Path(text).read_text(encoding="utf-8"))
+        try:
+            table = json.loads(Path(text).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise InputError(f"cannot read the label table {text}: {error.strerror or error}") from None
+        except ValueError as error:
+            raise InputError(f"the label table {text} is not valid JSON ({error})") from None
+        if not isinstance(table, list):
+            raise InputError(
+                f"the label table {text} must hold a JSON list of labels, like the 'labels' of a model card"
+            )
+        return table
     table = []
     for item in text.split(","):
         value, _, name = item.partition(":")

@@ -289,3 +289,21 @@ def test_export_refuses_label_values_its_model_does_not_know(home, capsys, unet3
         code, _, err = _run(capsys, "export", segmentation, "-o", tmp_path / target, "--labels", unet3d_dir)
         _assert_refused(code, err, "holds value(s) 7 that its label table does not list (it lists 1)")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["seg.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [(None, "cannot read the label table"), ("{not json", "is not valid JSON"), ('{"1": "Ball"}', "a JSON list")],
+)
+def test_train_refuses_a_label_table_it_cannot_use(home, capsys, tmp_path, content, pattern):
+    table = tmp_path / "labels.json"
+    if content is not None:
+        table.write_text(content)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    write_image(Volume(BALL), data / "images" / "a.nrrd")
+    write_image(Volume(BALL_MASK), data / "labels" / "a.nrrd")
+    code, _, err = _run(capsys, "train", "--network", "unet", "--data", data, "-o", tmp_path / "m", "--labels", table)
+    _assert_refused(code, err, pattern)
+    assert not (tmp_path / "m").exists()
