@@ -512,9 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--unlabelled", help="folder of images or list file (image per line)")
     ft.add_argument("--iterations", type=int, default=200)
     ft.add_argument("--batch-size", type=int)
-    ft.add_argument(
-        "--lr", type=float, help="learning rate (default: a tenth of the recipe's, at most 1e-4 for the mean teacher)"
-    )
+    ft.add_argument("--lr", type=float, help="learning rate (default: a tenth of the recipe's, same optimiser)")
     ft.add_argument("--held-out", type=int, help="labelled cases kept for before/after Dice (default 20%%, >= 1)")
     ft.add_argument("--resample", action="store_true", help="resample labels on another grid of the same region")
     ft.add_argument("-o", "--output", help="model folder (default: the user model folder); registered either way")

@@ -38,8 +38,6 @@ __all__ = ["FinetuneOptions", "finetune_model", "load_labelled", "next_finetune_
 
 log = logging.getLogger(__name__)
 _RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
-#: The mean teacher's default (Adam) learning rate is a tenth of the family's, at most this.
-MEAN_TEACHER_MAX_LR = 1e-4
 
 
 @dataclass
@@ -53,7 +51,7 @@ class FinetuneOptions:
     model_id: Optional[str] = None
     iterations: int = 200
     batch_size: Optional[int] = None
-    lr: Optional[float] = None  # default: a tenth of the family's (at most MEAN_TEACHER_MAX_LR for the mean teacher)
+    lr: Optional[float] = None  # default: a tenth of the family's, with the family's optimiser
     device: str = "auto"
     seed: int = 0
     held_out: Optional[int] = None  # default: 20% of the labelled cases (at least one) when there are 3 or more
@@ -206,14 +204,13 @@ def finetune_model(
         recipe = module.make_finetune(network, run)
     else:
         known = ("ema", "consistency", "rampup", "noise", "unlabelled_batch", "frozen_norm")
-        if options.lr is None:  # a tenth of an SGD family's rate is a from-scratch rate for Adam
-            lr = min(lr, MEAN_TEACHER_MAX_LR)
         recipe = MeanTeacherRecipe(
             network,
             options.iterations,
             getattr(module, "supervised_loss", None),
             activation="softmax" if card.inference.activation == "softmax" else "sigmoid",
             lr=lr,
+            optimizer=getattr(module, "OPTIMIZER", "adam"),  # a tenth of an SGD rate would be a large Adam rate
             device=device,
             **{k: v for k, v in options.recipe.items() if k in known},
         )

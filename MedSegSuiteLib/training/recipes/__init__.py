@@ -15,6 +15,8 @@ Each recipe module provides:
   is finetuned with Dice + cross-entropy on its main logits.
 - ``make_finetune(network, options) -> Recipe`` (optional): the network's own
   semi-supervised finetuning recipe (CANet's), used instead of the mean teacher.
+- ``OPTIMIZER`` (optional): the optimiser ``make`` trains with when it is not Adam
+  (``"sgd"``); the mean-teacher finetuning continues with the same one.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ from ..data import Augment
 from ..losses.dnet import DNetLoss
 from .base import Recipe, SupervisedRecipe
 
-__all__ = ["DIMS", "card_defaults", "inference", "make", "network_config", "supervised_loss"]
+__all__ = ["DIMS", "OPTIMIZER", "card_defaults", "inference", "make", "network_config", "supervised_loss"]
 
 DIMS = (3,)
+OPTIMIZER = "sgd"
 _LOSS = DNetLoss()
 
 
@@ -62,7 +63,7 @@ def make(network: nn.Module, options: dict[str, Any]) -> Recipe:
         network,
         supervised_loss,
         options["iterations"],
-        optimizer="sgd",
+        optimizer=OPTIMIZER,
         lr=options["lr"],
         weight_decay=3e-5,
         schedule="poly",
