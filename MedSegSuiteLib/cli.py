@@ -268,7 +268,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spacing=_numbers(args.spacing, 3, float, "--spacing"),
         h5_spacing=_numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0),
         val_fraction=args.val_fraction,
-        val_ids=Path(args.val_ids).read_text().split() if args.val_ids else None,
+        val_ids=Path(args.val_ids).read_text(encoding="utf-8").split() if args.val_ids else None,
         seed=args.seed,
         device=args.device,
         data_licence=args.data_licence,
@@ -340,7 +340,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         predictor = Predictor(model, device=args.device, fast=args.fast)
         cases = discover_cases(args.data, require_labels=True)
         if args.ids:
-            wanted = set(Path(args.ids).read_text().split())
+            wanted = set(Path(args.ids).read_text(encoding="utf-8").split())
             cases = [c for c in cases if c.id in wanted]
             if not cases:
                 raise InputError(f"none of the ids in {args.ids} is a case in {args.data}")

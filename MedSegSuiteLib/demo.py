@@ -97,5 +97,7 @@ def run_demo(
     metrics = case_metrics(result.labels.array, truth.array, values, image.spacing)
     dice = {label.name: round(metrics[label.value]["dice"], 4) for label in loaded.card.labels}
     with atomic_output(output / "sample-dice.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps({"model": loaded.card.id, "dice": dice, "seconds": seconds}, indent=2))
+        Path(tmp).write_text(
+            json.dumps({"model": loaded.card.id, "dice": dice, "seconds": seconds}, indent=2), encoding="utf-8"
+        )
     return DemoResult(labels_path, overlay_path, dice, seconds)

@@ -29,7 +29,7 @@ def machine(device: str) -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -91,8 +91,8 @@ def main() -> None:
         f"median of {args.repeats} after a warm-up, fp32 unless noted."
     )
     tag = args.device + ("-quick" if args.quick else "")
-    (out / f"{tag}.json").write_text(json.dumps({"machine": header, "results": results}, indent=2))
-    (out / f"{tag}.md").write_text(markdown(results, header))
+    (out / f"{tag}.json").write_text(json.dumps({"machine": header, "results": results}, indent=2), encoding="utf-8")
+    (out / f"{tag}.md").write_text(markdown(results, header), encoding="utf-8")
     print(markdown(results, header))
 
 

@@ -159,7 +159,7 @@ def _model_with_weights(folder: Path, card_dir: Path, weights: bytes) -> Path:
     """``card_dir``'s card beside other weights, its sha256 and size updated so only the content can be wrong."""
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(weights)
-    card = json.loads((card_dir / "card.json").read_text())
+    card = json.loads((card_dir / "card.json").read_text(encoding="utf-8"))
     card["weights"].update(sha256=sha256_file(folder / "model.safetensors"), bytes=len(weights))
     (folder / "card.json").write_text(json.dumps(card))
     return folder

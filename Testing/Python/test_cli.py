@@ -142,7 +142,7 @@ def test_tampered_weights_and_lying_card_are_refused(home, capsys, unet3d_dir, b
     _one_line_error(code, err, "does not match its model card")
     lying = tmp_path / "lying"
     shutil.copytree(unet3d_dir, lying)
-    card = json.loads((lying / "card.json").read_text())
+    card = json.loads((lying / "card.json").read_text(encoding="utf-8"))
     card["config"]["out_channels"] = 3
     (lying / "card.json").write_text(json.dumps(card))
     code, _, err = run(capsys, "segment", path, "-m", lying, "-o", tmp_path / "b.nrrd")
@@ -156,7 +156,7 @@ def test_existing_output_needs_overwrite(home, capsys, unet3d_dir, ball_file, tm
     (tmp_path / "taken.nrrd").write_text("keep me")
     code, _, err = run(capsys, "segment", path, "-m", unet3d_dir, "-o", tmp_path / "taken.nrrd")
     _one_line_error(code, err, "already exists; pass --overwrite")
-    assert (tmp_path / "taken.nrrd").read_text() == "keep me"
+    assert (tmp_path / "taken.nrrd").read_text(encoding="utf-8") == "keep me"
     assert run(capsys, "segment", path, "-m", unet3d_dir, "-o", tmp_path / "taken.nrrd", "--overwrite", "-q")[0] == 0
 
 

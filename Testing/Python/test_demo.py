@@ -33,7 +33,7 @@ def test_demo_segments_the_bundled_sample_and_reports_dice(tmp_path, user_home, 
     truth = read_image(label_path).array
     assert set(np.unique(labels.array)) <= {0, 1, 2}
 
-    report = json.loads((tmp_path / "demo" / "sample-dice.json").read_text())
+    report = json.loads((tmp_path / "demo" / "sample-dice.json").read_text(encoding="utf-8"))
     assert report["model"] == SAMPLE_MODEL
     for name, value in report["dice"].items():
         assert value > 0.6, f"{name}: Dice {value} on the bundled sample"

@@ -49,7 +49,7 @@ def test_cli_evaluate_folders_writes_json(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "c0" in out and "mean Dice" in out
-    data = json.loads((tmp_path / "m.json").read_text())
+    data = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert set(data["cases"]) == {"c0", "c1", "c2"} and data["per_label"]["2"]["dice"] == pytest.approx(2 / 3)
 
 
@@ -76,7 +76,7 @@ def test_cli_evaluate_a_model_on_labelled_cases(tmp_path, capsys, unet3d_dir):
         ]
     )
     assert code == 0
-    data = json.loads((tmp_path / "r.json").read_text())
+    data = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert data["mean"]["dice"] > 0.8 and data["per_label"]["1"]["name"] == "Ball"
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["b0.nii.gz", "b1.nii.gz"]
 

@@ -108,7 +108,9 @@ def test_existing_outputs_are_kept_without_overwrite_and_replaced_with_it(tmp_pa
     (tmp_path / "out.labels.json").write_text("mine")
     with pytest.raises(InputError, match="out.labels.json already exists"):
         export(labels, tmp_path / "out.nii.gz")
-    assert not (tmp_path / "out.nii.gz").exists() and (tmp_path / "out.labels.json").read_text() == "mine"
+    assert (
+        not (tmp_path / "out.nii.gz").exists() and (tmp_path / "out.labels.json").read_text(encoding="utf-8") == "mine"
+    )
     export(labels, tmp_path / "out.nii.gz", overwrite=True)
     assert read_label_table(tmp_path / "out.labels.json")[0].value == 1
 
@@ -149,7 +151,7 @@ def test_label_map_and_table_are_committed_together_or_not_at_all(tmp_path, case
     with pytest.raises(OSError, match="disk full"):
         export(labels, tmp_path / "out.nrrd", overwrite=True)
     assert (tmp_path / "out.nrrd").read_bytes() == b"old map"
-    assert (tmp_path / "out.labels.json").read_text() == "old table"
+    assert (tmp_path / "out.labels.json").read_text(encoding="utf-8") == "old table"
     assert files_in(tmp_path) == before | {"out.nrrd", "out.labels.json"}
 
 

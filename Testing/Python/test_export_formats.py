@@ -99,7 +99,7 @@ def test_terminology_string_has_slicers_seven_fields_and_parses_back():
 
 def test_label_table_json_round_trip_and_validation(tmp_path):
     path = write_label_table(TABLE, tmp_path / "t.labels.json")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["format"] == "medsegsuite-label-table" and data["labels"][1]["terminology_string"].count("~") == 6
     assert read_label_table(path) == TABLE
     with pytest.raises(InputError, match="already exists"):

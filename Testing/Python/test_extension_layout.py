@@ -15,7 +15,7 @@ MODULE_CMAKE = REPO / "MedSegSuite" / "CMakeLists.txt"
 
 
 def _listed(section: str) -> list[str]:
-    text = MODULE_CMAKE.read_text()
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
     block = re.search(rf"# BEGIN {section}\n(.*?)# END {section}", text, re.S)
     assert block, f"no {section} block in {MODULE_CMAKE}"
     return [line.strip() for line in block.group(1).splitlines() if line.strip()]
@@ -47,7 +47,7 @@ def test_extension_layout_exists():
         ".ci/run",
     ):
         assert (REPO / path).exists(), path
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in (
         "EXTENSION_HOMEPAGE",
         'EXTENSION_CATEGORY "Segmentation"',
@@ -75,7 +75,7 @@ def test_module_cmake_lists_every_library_file_and_resource():
 
 
 def test_pyproject_packages_cover_every_library_package():
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     packages = set(config["tool"]["setuptools"]["packages"])
     present = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "MedSegSuiteLib").rglob("__init__.py")}
     assert present | {"MedSegSuiteLib.Resources"} == packages
@@ -127,10 +127,10 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path):
         [cmake, "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={fake}"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    scripts = (build / "scripts.txt").read_text().split()
+    scripts = (build / "scripts.txt").read_text(encoding="utf-8").split()
     assert scripts[0] == "MedSegSuite.py"
     assert sorted(scripts[1:]) == _library_files(), "every library file lands at qt-scripted-modules/MedSegSuiteLib/..."
-    assert (build / "tests.txt").read_text().split() == ["MedSegSuite.py"]
+    assert (build / "tests.txt").read_text(encoding="utf-8").split() == ["MedSegSuite.py"]
     staged = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     for resource in _resource_files():
         assert (staged / resource).is_file(), resource

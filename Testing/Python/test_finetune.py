@@ -57,7 +57,7 @@ def test_finetuning_fixes_a_wrong_parent_and_registers_a_new_model(home, unet3d_
             parent="test-unet3d",
             labelled=dark_balls / "labelled",
             unlabelled=dark_balls / "unlabelled",
-            iterations=60,
+            iterations=100,
             batch_size=2,
             lr=3e-3,
             device="cpu",
@@ -199,5 +199,5 @@ def test_cancel_keeps_a_checkpoint_and_cli_resume_finishes(home, unet3d_dir, dar
     assert code == 0, err
     assert "registered test-unet3d-ft-1 (parent test-unet3d)" in out
     card = load_card(home / "models" / "test-unet3d-ft-1" / "card.json")
-    assert json.loads((home / "models" / "test-unet3d-ft-1" / "training_log.json").read_text())
+    assert json.loads((home / "models" / "test-unet3d-ft-1" / "training_log.json").read_text(encoding="utf-8"))
     assert card.parent == "test-unet3d" and not (home / "models" / "test-unet3d-ft-1.training").exists()

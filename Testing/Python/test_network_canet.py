@@ -39,7 +39,7 @@ def _manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     if not path.exists():
         pytest.skip(f"{path} is not available (needs ../shared)")
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, shape, dtype = line.split("\t")
             rows.append((key, tuple(int(s) for s in shape.split(",") if s), dtype))

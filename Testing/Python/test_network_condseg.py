@@ -35,7 +35,7 @@ def _manifest(name: str) -> dict[str, tuple[int, ...]]:
     if not path.exists():
         pytest.skip(f"official key manifest {path} not available")
     out = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("#") or not line.strip():
             continue
         key, shape = line.split("\t")[:2]

@@ -34,7 +34,7 @@ def _manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     if not path.exists():
         pytest.skip(f"{path} is not available (needs ../shared)")
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, shape, dtype = line.split("\t")

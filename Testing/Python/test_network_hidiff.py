@@ -36,7 +36,7 @@ def _manifest(name: str) -> list[tuple[str, tuple[int, ...]]]:
     if not path.exists():
         pytest.skip(f"official key manifest {path} not available")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("#") or not line.strip():
             continue
         key, shape = line.split("\t")[:2]
@@ -82,7 +82,7 @@ def test_hidiff_refiner_state_dict_matches_official_k9_manifest():
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert ours == manifest  # same keys, shapes and registration order
     assert _params(model) == PAPER_K9_PARAMS
-    header = (KEYS / "hidiff_refiner_k9.tsv").read_text().splitlines()[0]
+    header = (KEYS / "hidiff_refiner_k9.tsv").read_text(encoding="utf-8").splitlines()[0]
     assert f"total params: {PAPER_K9_PARAMS}" in header
 
 

@@ -88,7 +88,7 @@ def test_network_trains_through_the_cli_and_its_model_segments(
         ]
     )
     assert code == 0, capsys.readouterr().err
-    log = json.loads((output / "training_log.json").read_text())
+    log = json.loads((output / "training_log.json").read_text(encoding="utf-8"))
     validations = [entry["val_dice"] for entry in log if "val_dice" in entry]
     assert validations[-1] > max(0.5, validations[0] + 0.2) or max(validations) > 0.7, validations
     model = load_model(output)

@@ -69,7 +69,7 @@ def test_import_pth_converts_to_safetensors(home, unet3d_dir, tmp_path):
 
 
 def test_checksum_mismatch_leaves_nothing_behind(home, unet3d_dir, tmp_path):
-    card = json.loads((unet3d_dir / "card.json").read_text())
+    card = json.loads((unet3d_dir / "card.json").read_text(encoding="utf-8"))
     card["weights"]["sha256"] = "f" * 64
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="does not match the sha256"):
@@ -78,7 +78,7 @@ def test_checksum_mismatch_leaves_nothing_behind(home, unet3d_dir, tmp_path):
 
 
 def test_card_that_lies_about_the_network_is_refused(home, unet3d_dir, tmp_path):
-    card = json.loads((unet3d_dir / "card.json").read_text())
+    card = json.loads((unet3d_dir / "card.json").read_text(encoding="utf-8"))
     card["preset"] = "paper"  # wider network than the weights
     (tmp_path / "card.json").write_text(json.dumps(card))
     with pytest.raises(WeightsError, match="do not fit the network the model card describes"):

@@ -54,7 +54,7 @@ def _install_model(home, source, model_id, weights=None):
     """Copy the model folder ``source`` into the user model folder as ``model_id`` (with other ``weights``)."""
     folder = home / "models" / model_id
     shutil.copytree(source, folder)
-    card = json.loads((folder / "card.json").read_text())
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
     card.update(id=model_id, name=f"{card['name']} ({model_id})")
     if weights is not None:
         (folder / "model.safetensors").write_bytes(weights)

@@ -32,7 +32,7 @@ class FakeSlicer:
         return self.answer
 
     def _pip(self, requirements):
-        constraint = Path(os.environ["PIP_CONSTRAINT"]).read_text()
+        constraint = Path(os.environ["PIP_CONSTRAINT"]).read_text(encoding="utf-8")
         self.pip_calls.append((list(requirements), constraint))
         self.installed.update(dependencies._name(r) for r in requirements)
 

@@ -83,7 +83,7 @@ def test_export_to_a_label_map_writes_its_json_table_beside_it(result, tmp_path,
     image = read_image(target)
     assert image.grid.same_as(grid_from_node(volume), atol=1e-4)
     assert np.array_equal(image.array, labels)
-    entries = json.loads(table_file.read_text())["labels"]
+    entries = json.loads(table_file.read_text(encoding="utf-8"))["labels"]
     assert [(e["value"], e["name"], e["color"]) for e in entries] == [
         (1, "Ball", [230, 60, 40]),
         (2, "Rim", [20, 120, 220]),

@@ -101,7 +101,7 @@ def test_cli_train_2d_learns_and_segment_uses_the_model(discs, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert code == 0, err
     card = load_card(tmp_path / "disc-model" / "card.json")
-    log = json.loads((tmp_path / "disc-model" / "training_log.json").read_text())
+    log = json.loads((tmp_path / "disc-model" / "training_log.json").read_text(encoding="utf-8"))
     validations = [entry["val_dice"] for entry in log if "val_dice" in entry]
     assert validations[-1] > 0.75 and max(validations) > validations[0] + 0.15, validations
     dice = next(m for m in card.metrics if m["name"] == "dice")

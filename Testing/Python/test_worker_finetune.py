@@ -100,7 +100,7 @@ def test_finetune_job_streams_progress_and_loss_records_and_registers_a_new_mode
     assert info["labelled"] == 2 and info["unlabelled"] == 1 and info["device"] == "cpu"
     assert 0 <= info["dice_before"] <= 1 and 0 <= info["dice_after"] <= 1
     assert info["split"] == "the 2 labelled training cases (too few to hold any back)"
-    card = json.loads((home / "home" / "models" / "test-unet3d-ft-1" / "card.json").read_text())
+    card = json.loads((home / "home" / "models" / "test-unet3d-ft-1" / "card.json").read_text(encoding="utf-8"))
     assert result["outputs"]["model"] == info["directory"] == str(home / "home" / "models" / "test-unet3d-ft-1")
     assert card["parent"] == "test-unet3d" and card["training"]["finetune"]["unlabelled"] == 1
     assert _models(home) == ["test-unet3d-ft-1"]

@@ -89,7 +89,7 @@ def main() -> None:
         card,
         half=use_half,
         overwrite=True,
-        extra_files={"training_log.json": (Path(args.trained) / "training_log.json").read_text()},
+        extra_files={"training_log.json": (Path(args.trained) / "training_log.json").read_text(encoding="utf-8")},
     )
     print(
         json.dumps(

@@ -246,7 +246,7 @@ class FakeWorkerProcess:
     def _parent_card(params: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
-        return json.loads((Path(params["parent"]) / "card.json").read_text())
+        return json.loads((Path(params["parent"]) / "card.json").read_text(encoding="utf-8"))
 
     def _run_id(self, parent_id: str, resume: bool) -> str:
         models = self._models_dir()
