@@ -160,6 +160,16 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
+def install_card(home: Path, card: dict) -> Path:
+    """A user model folder holding only ``card`` (enough to be listed, not to run)."""
+    import json
+
+    folder = home / "models" / card["id"]
+    folder.mkdir(parents=True)
+    (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     denominator = a.sum() + b.sum()

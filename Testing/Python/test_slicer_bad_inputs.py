@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer_harness
+from conftest import install_card
 
 from MedSegSuiteLib.models.weights import sha256_file
 from MedSegSuiteLib.worker.client import WorkerClient, popen_factory
@@ -67,23 +68,16 @@ def _install_model(home, source, model_id, weights=None):
 def panel(home, tmp_path, unet3d_dir, worker):
     """The module widget over a fresh scene, the 3D U-Net and a HiDiff card installed, and the shared worker."""
     _install_model(home, unet3d_dir, "test-unet3d")
-    hidiff = home / "models" / HIDIFF_CARD["id"]
-    hidiff.mkdir(parents=True)
-    (hidiff / "card.json").write_text(json.dumps(HIDIFF_CARD))
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    slicer_harness.load_module()
-    widget = slicer.util.getModuleWidget("MedSegSuite")
-    widget.logic._client = worker
-    widget.refreshModels()
+    install_card(home, HIDIFF_CARD)
+    widget = slicer_harness.open_module_widget(worker)
     yield widget
     if widget.logic.busy:
         widget.logic.cancel()
         widget.logic.wait(60)
     widget.logic._client = None  # the worker outlives the panel
     slicer_harness.unload_modules()
+    import slicer
+
     slicer.mrmlScene.Clear(0)
 
 

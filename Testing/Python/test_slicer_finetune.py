@@ -8,13 +8,12 @@ card on finish, made-up timings when measuring.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import OUTPUT_DIR, UNET3D_CARD
+from conftest import OUTPUT_DIR, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
 
 from MedSegSuiteLib.io import read_image
@@ -26,23 +25,16 @@ PARENT_CARD = dict(UNET3D_CARD, weights={"file": "model.safetensors"})
 @pytest.fixture
 def panel(home, tmp_path):
     """The module widget over a fresh scene, the test U-Net card installed, a fake worker that holds jobs."""
-    folder = home / "models" / PARENT_CARD["id"]
-    folder.mkdir(parents=True)
-    (folder / "card.json").write_text(json.dumps(PARENT_CARD))
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    slicer_harness.load_module()
-    widget = slicer.util.getModuleWidget("MedSegSuite")
-    widget.refreshModels()
+    install_card(home, PARENT_CARD)
     factory = FakeWorkerFactory(hold=True)
-    widget.logic._client = WorkerClient(process_factory=factory, temp_root=str(tmp_path))
+    widget = slicer_harness.open_module_widget(WorkerClient(process_factory=factory, temp_root=str(tmp_path)))
     widget.factory = factory
     widget.ui.finetuneCollapsibleButton.setCollapsed(False)
     yield widget
     widget.logic.shutdown()
     slicer_harness.unload_modules()
+    import slicer
+
     slicer.mrmlScene.Clear(0)
 
 

@@ -7,7 +7,6 @@ also rewrites Resources/Screenshots/panel.png (the extension's screenshot).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD
+from conftest import OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
 
 from MedSegSuiteLib.worker.client import WorkerClient
@@ -44,31 +43,20 @@ DEMO_CARD = dict(
 )
 
 
-def _install_card(home: Path, card: dict) -> None:
-    folder = home / "models" / card["id"]
-    folder.mkdir(parents=True)
-    (folder / "card.json").write_text(json.dumps(card))
-
-
 @pytest.fixture
 def panel(home, tmp_path):
     """The module widget over a fresh scene, with two listed models and a fake worker."""
-    _install_card(home, DEMO_CARD)
-    _install_card(home, dict(UNET2D_CARD, weights={"file": "model.safetensors"}))
-    _install_card(home, HIDIFF_CARD)
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    slicer_harness.load_module()
-    widget = slicer.util.getModuleWidget("MedSegSuite")
-    widget.refreshModels()
+    install_card(home, DEMO_CARD)
+    install_card(home, dict(UNET2D_CARD, weights={"file": "model.safetensors"}))
+    install_card(home, HIDIFF_CARD)
     factory = FakeWorkerFactory(hold=True)
-    widget.logic._client = WorkerClient(process_factory=factory, temp_root=str(tmp_path))
+    widget = slicer_harness.open_module_widget(WorkerClient(process_factory=factory, temp_root=str(tmp_path)))
     widget.factory = factory
     yield widget
     widget.logic.shutdown()
     slicer_harness.unload_modules()
+    import slicer
+
     slicer.mrmlScene.Clear(0)
 
 

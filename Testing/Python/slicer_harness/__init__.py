@@ -125,6 +125,20 @@ def load_module(path: Optional[Path] = None, name: str = "MedSegSuite") -> Any:
     return record
 
 
+def open_module_widget(client: Any) -> Any:
+    """A cleared scene and a freshly loaded MedSegSuite widget whose logic talks to ``client``
+    (a :class:`~MedSegSuiteLib.worker.client.WorkerClient`), with its model list read."""
+    install()
+    import slicer
+
+    slicer.mrmlScene.Clear(0)
+    load_module()
+    widget = slicer.util.getModuleWidget("MedSegSuite")
+    widget.logic._client = client
+    widget.refreshModels()
+    return widget
+
+
 def unload_modules() -> None:
     """Clean up every loaded module's widget (stops its worker) and forget the modules."""
     if "app" not in _state:
