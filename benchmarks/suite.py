@@ -3,8 +3,9 @@
     python benchmarks/suite.py [--only SUBSTRING ...] [--device cpu|cuda] [--threads N]
                                [--repeats N] [--quick] [--out benchmarks/results]
 
-Cases are defined in ``cases.py``. Results go to ``<out>/<device>.json`` and
-``<out>/<device>.md``; the Markdown names the machine it ran on.
+Cases are defined in ``cases.py``. Results go to ``<out>/<device>[-quick].json`` and
+``.md``; the Markdown names the machine it ran on. With ``--only``, the chosen cases'
+rows of an existing result file are replaced and the other rows kept.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def markdown(results: list[dict], header: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=[], help="run cases whose name contains any of these")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run cases whose name contains any of these (updating their rows)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -91,6 +94,11 @@ def main() -> None:
         f"median of {args.repeats} after a warm-up, fp32 unless noted."
     )
     tag = args.device + ("-quick" if args.quick else "")
+    previous = out / f"{tag}.json"
+    if args.only and previous.is_file():  # re-running some cases updates their rows and keeps the others
+        fresh = {r["name"]: r for r in results}
+        kept = json.loads(previous.read_text(encoding="utf-8"))["results"]
+        results = [fresh.pop(r["name"], r) for r in kept] + list(fresh.values())
     (out / f"{tag}.json").write_text(json.dumps({"machine": header, "results": results}, indent=2), encoding="utf-8")
     (out / f"{tag}.md").write_text(markdown(results, header), encoding="utf-8")
     print(markdown(results, header))

@@ -63,10 +63,14 @@ def predict_volume(
     fast: bool = False,
     batch_size: Optional[int] = None,
 ) -> Callable[[], Any]:
-    """One whole-volume Predictor.predict of a ``shape`` (z, y, x) synthetic image."""
+    """One whole-volume Predictor.predict of a ``shape`` (z, y, x) synthetic image of ``channels`` channels.
+
+    The model takes the network's ``in_channels``; a grey image for an RGB network goes
+    through the channel rule (replicated), as a CT or MRI volume does in practice.
+    """
     dims = 3 if patch_xyz else 2
     extra = {"patch_xyz": list(patch_xyz)} if patch_xyz else ({"size_xy": list(size_xy)} if size_xy else {})
-    card = _card(network, preset, config, dims, channels, labels, inference, **extra)
+    card = _card(network, preset, config, dims, config.get("in_channels", channels), labels, inference, **extra)
     predictor = Predictor(_model(card), device=device, fast=fast, batch_size=batch_size)
     array = np.random.default_rng(0).normal(100, 20, ((channels,) if channels > 1 else ()) + tuple(shape))
     volume = Volume(array.astype(np.float32))
