@@ -95,9 +95,15 @@ def _resource_hint(card: Any) -> str:
         parts.append(f"RAM about {res.pop('ram_gb')} GB")
     if "vram_gb" in res:
         parts.append(f"GPU memory about {res.pop('vram_gb')} GB")
+    for provenance in ("weights_dtype", "fp16_dice_change"):  # how the weights were stored, not hardware
+        res.pop(provenance, None)
     times = []
     if "cpu_seconds" in res:
         times.append(f"{res.pop('cpu_seconds')} s on CPU")
+    if "cpu_seconds_per_case" in res:  # measured by the packaging of bundled models
+        threads = res.pop("cpu_threads", None)
+        on = f"on {threads} CPU threads" if threads else "on CPU"
+        times.append(f"{res.pop('cpu_seconds_per_case')} s per image {on}")
     if "gpu_seconds" in res:
         times.append(f"{res.pop('gpu_seconds')} s on GPU")
     if times:

@@ -213,6 +213,16 @@ def test_devices_offer_cuda_only_when_the_worker_has_it(scene, tmp_path):
     logic.shutdown()
 
 
+def test_model_summary_shows_the_measured_cpu_time_of_a_bundled_model():
+    from MedSegSuiteLib.slicer.logic import describe_model
+
+    resources = {"cpu_seconds_per_case": 2.32, "cpu_threads": 2, "ram_gb": 0.9, "weights_dtype": "float16"}
+    card = card_from_dict(dict(UNET3D_CARD, weights={"file": "m.safetensors"}, resources=resources))
+    text = describe_model(card)
+    assert "about 2.32 s per image on 2 CPU threads" in text and "RAM about 0.9 GB" in text
+    assert "float16" not in text
+
+
 def test_model_summary_shows_network_labels_licence_and_hardware_hint():
     from MedSegSuiteLib.slicer.logic import describe_model
 
