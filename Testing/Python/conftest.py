@@ -43,6 +43,24 @@ def disc_image(
     return np.clip(base, 0, 255).astype(np.uint8)[:, None], mask[None]
 
 
+# A HiDiff card without weights: enough for the panel to list it and check segments against its labels.
+HIDIFF_CARD = {
+    "schema_version": 1,
+    "id": "demo-hidiff",
+    "version": "1.0.0",
+    "name": "Demo disc refiner (HiDiff lite)",
+    "network": "hidiff",
+    "preset": "lite",
+    "config": {"in_channels": 1, "num_classes": 1, "num_steps": 8},
+    "dims": 2,
+    "input": {"channels": 1, "normalization": {"kind": "scale", "divisor": 255}, "size_xy": [32, 32]},
+    "inference": {"activation": "sigmoid", "batch_size": 4},
+    "labels": [{"value": 1, "name": "Disc", "color": [250, 200, 40]}],
+    "licence": "CC0-1.0",
+    "weights": {"file": "model.safetensors"},
+}
+
+
 def _train(network: torch.nn.Module, batches, steps: int, lr: float = 3e-3) -> torch.nn.Module:
     optimiser = torch.optim.Adam(network.parameters(), lr=lr)
     network.train()

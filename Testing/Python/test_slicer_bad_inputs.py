@@ -20,27 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import install_card
+from conftest import HIDIFF_CARD, install_card
 
 from MedSegSuiteLib.models.weights import sha256_file
 from MedSegSuiteLib.worker.client import WorkerClient, popen_factory
 
 THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
-HIDIFF_CARD = {
-    "schema_version": 1,
-    "id": "test-hidiff",
-    "version": "1.0.0",
-    "name": "Test disc refiner (HiDiff lite)",
-    "network": "hidiff",
-    "preset": "lite",
-    "config": {"in_channels": 1, "num_classes": 1, "num_steps": 4},
-    "dims": 2,
-    "input": {"channels": 1, "normalization": {"kind": "scale", "divisor": 255}, "size_xy": [32, 32]},
-    "inference": {"activation": "sigmoid", "batch_size": 4},
-    "labels": [{"value": 1, "name": "Disc", "color": [250, 200, 40]}],
-    "licence": "CC0-1.0",
-    "weights": {"file": "model.safetensors"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +303,7 @@ def test_broken_model_cards_are_named_under_the_model_and_the_others_stay_usable
     (lying / "card.json").write_text(json.dumps({"id": "lying", "network": "nonsense"}))
     (lying / "model.safetensors").write_bytes(b"not weights")
     panel.refreshModels()
-    assert [ui.modelSelector.itemData(i) for i in range(ui.modelSelector.count())] == ["test-hidiff", "test-unet3d"]
+    assert [ui.modelSelector.itemData(i) for i in range(ui.modelSelector.count())] == ["demo-hidiff", "test-unet3d"]
     info = _text(ui.modelInfoLabel)
     assert "<b>Not listed</b> (fix or remove these models): model card " in info
     assert f"{broken / 'card.json'} is not valid JSON" in info and f"{lying / 'card.json'}: version is missing" in info
@@ -353,7 +338,7 @@ REFINE_CASES = {
     "empty segment": ({"Disc": "empty"}, "'Disc' is empty: segment or paint first, then refine."),
     "segment the model does not know": (
         {"Tumour": "discs"},
-        "No segment of 'Painted' matches a label of Test disc refiner (HiDiff lite) (Disc); rename the segment to "
+        "No segment of 'Painted' matches a label of Demo disc refiner (HiDiff lite) (Disc); rename the segment to "
         "refine to one of these names.",
     ),
 }

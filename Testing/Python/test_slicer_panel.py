@@ -15,26 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD, install_card
+from conftest import HIDIFF_CARD, OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
 
 from MedSegSuiteLib.worker.client import WorkerClient
 
-HIDIFF_CARD = {
-    "schema_version": 1,
-    "id": "demo-hidiff",
-    "version": "1.0.0",
-    "name": "Demo disc refiner (HiDiff lite)",
-    "network": "hidiff",
-    "preset": "lite",
-    "config": {"in_channels": 1, "num_classes": 1, "num_steps": 8},
-    "dims": 2,
-    "input": {"channels": 1, "normalization": {"kind": "scale", "divisor": 255}, "size_xy": [32, 32]},
-    "inference": {"activation": "sigmoid", "batch_size": 4},
-    "labels": [{"value": 1, "name": "Disc", "color": [250, 200, 40]}],
-    "licence": "CC0-1.0",
-    "weights": {"file": "model.safetensors"},
-}
 DEMO_CARD = dict(
     UNET3D_CARD,
     name="Demo ball finder (U-Net lite)",
