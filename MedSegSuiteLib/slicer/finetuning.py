@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,6 +33,7 @@ from vtk.util import numpy_support
 
 from ..errors import InputError
 from ..io.segmentation import describe_grid, same_region
+from ..training.runs import pending_finetune_runs
 from ..volume import Grid
 from .refinement import match_segments
 from .segmentations import geometry_matches, segment_ids, segment_mask
@@ -263,16 +263,10 @@ def unfinished_run(parent_id: str, user_dir: Optional[Path] = None) -> Optional[
         from ..models.registry import default_user_dir
 
         user_dir = default_user_dir()
-    base = re.sub(r"-ft-\d+$", "", parent_id)
-    try:
-        pending = sorted(
-            Path(user_dir).glob(f"{base}-ft-*.training/checkpoint.pt"), key=lambda path: path.stat().st_mtime
-        )
-    except OSError:
-        return None
+    pending = pending_finetune_runs(Path(user_dir), parent_id)
     if not pending:
         return None
-    workdir = pending[-1].parent
+    workdir = pending[-1]
     iteration = 0
     try:
         history = json.loads((workdir / "log.json").read_text(encoding="utf-8"))

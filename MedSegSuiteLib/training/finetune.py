@@ -12,7 +12,6 @@ images), 3D networks from patches.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from .datasets import Case, discover_cases, load_case
 from .recipes import recipe_module
 from .recipes.base import TrainingData
 from .recipes.mean_teacher import MeanTeacherRecipe
+from .runs import WORKDIR_SUFFIX, finetune_base, pending_finetune_runs
 from .trainer import Trainer, TrainingSettings
 
 __all__ = ["FinetuneOptions", "finetune_model", "load_labelled", "next_finetune_id"]
@@ -62,12 +62,12 @@ class FinetuneOptions:
 
 def next_finetune_id(parent_id: str, registry: ModelRegistry, resume: bool = False) -> str:
     """``<parent>-ft-<n>``: with ``resume`` the newest unfinished run of this parent, else the next free ``n``."""
-    base = re.sub(r"-ft-\d+$", "", parent_id)
+    base = finetune_base(parent_id)
     if resume:
-        pending = sorted(registry.user_dir.glob(f"{base}-ft-*.training/checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+        pending = pending_finetune_runs(registry.user_dir, parent_id)
         if not pending:
             raise InputError(f"no unfinished finetuning of {parent_id!r} to resume in {registry.user_dir}")
-        return pending[-1].parent.name[: -len(".training")]
+        return pending[-1].name[: -len(WORKDIR_SUFFIX)]
     taken = {entry.card.id for entry in registry.entries()}
     n = 1
     while f"{base}-ft-{n}" in taken or any(registry.user_dir.glob(f"{base}-ft-{n}*")):

@@ -201,3 +201,22 @@ def test_cancel_keeps_a_checkpoint_and_cli_resume_finishes(home, unet3d_dir, dar
     card = load_card(home / "models" / "test-unet3d-ft-1" / "card.json")
     assert json.loads((home / "models" / "test-unet3d-ft-1" / "training_log.json").read_text(encoding="utf-8"))
     assert card.parent == "test-unet3d" and not (home / "models" / "test-unet3d-ft-1.training").exists()
+
+
+def test_resume_offers_the_newest_unfinished_run_and_never_a_finished_one(home):
+    import os
+
+    from MedSegSuiteLib.slicer.finetuning import unfinished_run
+    from MedSegSuiteLib.training.finetune import next_finetune_id
+
+    registry = ModelRegistry()
+    for n, finished in ((1, False), (2, False), (3, True)):
+        work = registry.user_dir / f"ball-ft-{n}.training"
+        work.mkdir(parents=True)
+        (work / "checkpoint.pt").write_bytes(b"state")
+        os.utime(work / "checkpoint.pt", (1000 + n, 1000 + n))
+        if finished:  # killed after writing its model, before removing its work folder
+            (registry.user_dir / f"ball-ft-{n}").mkdir()
+    assert next_finetune_id("ball", registry, resume=True) == "ball-ft-2"
+    assert unfinished_run("ball-ft-1", registry.user_dir) == ("ball-ft-2", 0)
+    assert next_finetune_id("ball", registry) == "ball-ft-4"
