@@ -472,11 +472,16 @@ def match_labels(
             label = by_number.get(segment.export_value)
             if label is not None and label.value not in taken:
                 take(index, label, "value")
-    missing = [segment.name for index, segment in enumerate(segments) if index not in found]
+    missing = [segment for index, segment in enumerate(segments) if index not in found]
     if missing:
+        unnamed = [str(s.export_value) for s in missing if s.has_generated_name]
+        named = [repr(s.name) for s in missing if not s.has_generated_name]
+        what = ([f"segment(s) {', '.join(named)}"] if named else []) + (
+            [f"label value(s) {', '.join(unnamed)}"] if unnamed else []
+        )
         raise InputError(
-            f"segment(s) {', '.join(repr(n) for n in missing)} match no label of the model "
-            f"({', '.join(f'{label.value}:{label.name}' for label in card_labels)}); rename them to a model label "
-            "name or remove them"
+            f"{' and '.join(what)} match no label of the model "
+            f"({', '.join(f'{label.value}:{label.name}' for label in card_labels)}); rename or renumber them to a "
+            "model label, or remove them"
         )
     return [found[index] for index in range(len(segments))]

@@ -261,7 +261,7 @@ def test_refinement_refuses_bad_masks(home, capsys, hidiff_dir, disc_case, tmp_p
 @pytest.mark.parametrize(
     ("problem", "pattern"),
     [
-        ("unknown label", "segment(s) 'Segment_3' match no label of the model (1:Ball)"),
+        ("unknown label", "label value(s) 3 match no label of the model (1:Ball)"),
         ("other grid", "a.nrrd's grid differs from the reference volume's"),
     ],
 )

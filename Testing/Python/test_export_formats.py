@@ -132,7 +132,9 @@ def test_labels_match_by_name_then_type_code_then_value_of_unnamed_segments():
     ]
     matches = match_labels(segments, card)
     assert [(m.label.value, m.how) for m in matches] == [(1, "name"), (2, "type code"), (3, "value")]
-    with pytest.raises(InputError, match=r"'Spleen', 'Segment_9'.*1:Liver, 2:Lesion, 3:Vessel, 4:Kidney"):
+    with pytest.raises(
+        InputError, match=r"segment\(s\) 'Spleen' and label value\(s\) 9 match .*1:Liver, 2:Lesion, 3:Vessel, 4:Kidney"
+    ):
         match_labels([Segment("s", "Spleen", value=4), Segment("n", "Segment_9", value=9)], card)
     assert match_labels([Segment("s", "Spleen", value=4)], card, by_value="always")[0].label.name == "Kidney"
     with pytest.raises(InputError, match="both match"):
