@@ -146,6 +146,7 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
 
     def _segment(self, volume, mask):
         from MedSegSuiteLib.slicer import testing
+        from MedSegSuiteLib.slicer.segmentations import geometry_matches
 
         self.delayDisplay(f"Segmenting with {self.entry.card.name}")
         self.widget.ui.outputSegmentationSelector.setCurrentNode(None)
@@ -153,7 +154,7 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
         self.assertEqual(status.state, "done", status.message)
         segmentation = slicer.mrmlScene.GetNodeByID(status.output_node_id)
         self.assertIs(self.widget.ui.outputSegmentationSelector.currentNode(), segmentation)
-        self.assertTrue(testing.reference_geometry_matches(segmentation, volume))
+        self.assertTrue(geometry_matches(segmentation, volume))
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(len(self.entry.card.labels))]
         self.assertEqual(names, [label.name for label in self.entry.card.labels])
         for label in self.entry.card.labels:

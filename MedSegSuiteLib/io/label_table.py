@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from .atomic import atomic_output
 
 if TYPE_CHECKING:
@@ -224,18 +225,7 @@ def labels_from_json(data: Any, source: str = "label table") -> tuple[Label, ...
 
 def read_label_table(path: PathLike) -> tuple[Label, ...]:
     """Read a JSON label table (see the module docstring); InputError for a missing or invalid file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"label table {path} does not exist") from None
-    except OSError as error:
-        raise InputError(f"cannot read label table {path}: {error.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"label table {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
-    return labels_from_json(data, str(path))
+    return labels_from_json(read_json(path, "label table", InputError), str(path))
 
 
 def label_table_to_json(labels: Sequence[Label]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from ..errors import ModelError
+from ..jsonfile import read_json
 from ..preprocessing import validate_normalization
 
 __all__ = [
@@ -360,18 +361,7 @@ def card_from_dict(data: Mapping[str, Any], source: str = "<memory>") -> ModelCa
 
 def load_card(path: Union[str, Path]) -> ModelCard:
     """Read and validate a card JSON file (raises ModelError if missing, not JSON or invalid)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelError(f"model card {path} does not exist") from None
-    except OSError as error:
-        raise ModelError(f"cannot read model card {path}: {error.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ModelError(f"model card {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
-    return card_from_dict(data, source=str(path))
+    return card_from_dict(read_json(path, "model card", ModelError), source=str(path))
 
 
 def save_card(card: ModelCard, path: Union[str, Path]) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import slicer
 
 from ..volume import Volume
+from .segmentations import segment_mask
 from .volumes import add_volume_node
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "pick_3d_model",
     "pick_finetune_parent",
     "pick_refiner",
-    "reference_geometry_matches",
     "save_and_reload_scene",
     "segment_array",
     "set_checked_items",
@@ -212,47 +212,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 120.0, interval: 
 
 def segment_array(segmentation_node: Any, segment_id: str, reference_node: Any) -> np.ndarray:
     """A segment's voxels ``[k, j, i]`` (uint8, 0/1) on the reference volume's grid; adds nothing to the scene."""
-    import vtk
-    from vtk.util import numpy_support
-
-    labelmap = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap
-    ):
-        raise ValueError(f"segment {segment_id!r} has no binary labelmap")
-    reference = slicer.vtkOrientedImageData()
-    matrix = vtk.vtkMatrix4x4()
-    reference_node.GetIJKToRASMatrix(matrix)
-    reference.SetImageToWorldMatrix(matrix)
-    reference.SetExtent(reference_node.GetImageData().GetExtent())
-    resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
-    i, j, k = reference_node.GetImageData().GetDimensions()
-    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(k, j, i)
-    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
-    return (values == label_value).astype(np.uint8)
-
-
-def reference_geometry_matches(segmentation_node: Any, volume_node: Any, atol: float = 1e-6) -> bool:
-    """True when the segmentation's reference image geometry is exactly the volume's grid (matrix and extent)."""
-    import vtk
-
-    converter = slicer.vtkSegmentationConverter
-    text = segmentation_node.GetSegmentation().GetConversionParameter(
-        converter.GetReferenceImageGeometryParameterName()
-    )
-    geometry = slicer.vtkOrientedImageData()
-    if not text or not converter.DeserializeImageGeometry(text, geometry, False):
-        return False
-    found, expected = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    geometry.GetImageToWorldMatrix(found)
-    volume_node.GetIJKToRASMatrix(expected)
-    same_matrix = all(
-        abs(found.GetElement(r, c) - expected.GetElement(r, c)) <= atol for r in range(4) for c in range(4)
-    )
-    dims = volume_node.GetImageData().GetDimensions()
-    extent = tuple(geometry.GetExtent())
-    return same_matrix and extent == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    return segment_mask(segmentation_node, segment_id, reference_node).astype(np.uint8)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,24 +6,12 @@ import time
 
 import numpy as np
 import pytest
-import slicer_harness
 from conftest import UNET2D_CARD, UNET3D_CARD
-from slicer_harness.fake_worker import FakeWorkerFactory
+from slicer_harness.fake_worker import fake_logic, wait_idle
 
 from MedSegSuiteLib.errors import InputError
 from MedSegSuiteLib.models.card import card_from_dict
 from MedSegSuiteLib.models.registry import ModelEntry
-from MedSegSuiteLib.worker.client import WorkerClient
-
-
-@pytest.fixture
-def scene():
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(0)
 
 
 @pytest.fixture
@@ -31,30 +19,15 @@ def entry(tmp_path):
     return ModelEntry(card_from_dict(dict(UNET3D_CARD, weights={"file": "model.safetensors"})), tmp_path, "user")
 
 
-def _logic(tmp_path, **options):
-    from MedSegSuiteLib.slicer.logic import SegmentationLogic
-
-    factory = FakeWorkerFactory(**options)
-    return SegmentationLogic(WorkerClient(process_factory=factory, temp_root=str(tmp_path))), factory
-
-
-def _wait(logic, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while logic.busy and time.monotonic() < deadline:
-        logic.poll()
-        time.sleep(0.01)
-    return logic.status
-
-
 def test_a_result_becomes_a_new_segmentation_next_to_the_input(scene, entry, tmp_path):
     from MedSegSuiteLib.slicer.testing import add_ball_volume, dice, segment_array
 
     volume, mask = add_ball_volume("CT", shape=(12, 24, 24), radius=5.0)
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     assert logic.start(volume, entry, device="cpu").running
     sent = factory.last.received[-1]
     assert sent["kind"] == "segment" and sent["params"]["model"] == str(tmp_path) and sent["params"]["device"] == "cpu"
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "done", status.message
     output = scene.GetNodeByID(status.output_node_id)
     assert output.GetName() == "CT segmentation" and "Ball" in status.message
@@ -69,10 +42,10 @@ def test_a_rerun_writes_into_the_chosen_segmentation(scene, entry, tmp_path):
 
     volume, _ = add_ball_volume("CT", shape=(12, 24, 24), radius=5.0)
     chosen = create_segmentation_node(volume, name="Mine")
-    logic, _ = _logic(tmp_path)
+    logic, _ = fake_logic(tmp_path)
     logic.start(volume, entry, output_node=chosen)
     nodes = scene.GetNumberOfNodes()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.output_node_id == chosen.GetID() and scene.GetNumberOfNodes() == nodes
     assert chosen.GetSegmentation().GetSegment("Ball") is not None
     logic.shutdown()
@@ -85,10 +58,10 @@ def test_the_region_is_sent_as_a_voxel_box(scene, entry, tmp_path):
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
     roi.SetCenter(*volume.GetOrigin())
     roi.SetSize(0.1, 0.1, 0.1)
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     logic.start(volume, entry, region_node=roi)
     assert factory.last.received[-1]["params"]["roi"] == [0, 0, 0, 1, 1, 1]
-    _wait(logic)
+    wait_idle(logic)
     logic.shutdown()
 
 
@@ -96,12 +69,12 @@ def test_a_crash_during_a_job_leaves_the_scene_unchanged_and_the_next_job_gets_a
     from MedSegSuiteLib.slicer.testing import add_ball_volume
 
     volume, _ = add_ball_volume("CT", shape=(12, 24, 24), radius=5.0)
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start(volume, entry)
     nodes = scene.GetNumberOfNodes()
     logic.poll()
     factory.last.die(-9)
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "failed"
     assert status.message == (
         "The MedSegSuite worker stopped unexpectedly (exit code -9, possibly out of memory); your scene is unchanged; "
@@ -111,7 +84,7 @@ def test_a_crash_during_a_job_leaves_the_scene_unchanged_and_the_next_job_gets_a
     logic.start(volume, entry)
     assert len(factory.processes) == 2
     factory.last.finish()
-    assert _wait(logic).state == "done"
+    assert wait_idle(logic).state == "done"
     logic.shutdown()
 
 
@@ -119,7 +92,7 @@ def test_cancel_discards_even_a_result_that_arrives_afterwards(scene, entry, tmp
     from MedSegSuiteLib.slicer.testing import add_ball_volume
 
     volume, _ = add_ball_volume("CT", shape=(12, 24, 24), radius=5.0)
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start(volume, entry)
     nodes = scene.GetNumberOfNodes()
     held = dict(factory.last.held)
@@ -127,7 +100,7 @@ def test_cancel_discards_even_a_result_that_arrives_afterwards(scene, entry, tmp
     logic.cancel()
     assert logic.status.message == "Cancelling..."
     factory.last.finish(message=next(iter(held.values())))  # ...and delivers a result anyway
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "cancelled" and status.message == "Cancelled; nothing was changed."
     assert scene.GetNumberOfNodes() == nodes
     logic.shutdown()
@@ -137,20 +110,20 @@ def test_worker_errors_and_a_removed_input_are_reported_without_changing_the_sce
     from MedSegSuiteLib.slicer.testing import add_ball_volume
 
     volume, _ = add_ball_volume("CT", shape=(12, 24, 24), radius=5.0)
-    logic, _ = _logic(tmp_path, error=("OutOfMemory", "not enough memory for this job; try a smaller region"))
+    logic, _ = fake_logic(tmp_path, error=("OutOfMemory", "not enough memory for this job; try a smaller region"))
     logic.start(volume, entry)
     nodes = scene.GetNumberOfNodes()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "failed" and status.message.endswith("not enough memory for this job; try a smaller region")
     assert scene.GetNumberOfNodes() == nodes
     logic.shutdown()
 
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start(volume, entry)
     scene.RemoveNode(volume)
     nodes = scene.GetNumberOfNodes()
     factory.last.finish()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "failed" and "input volume was removed" in status.message
     assert scene.GetNumberOfNodes() == nodes
     logic.shutdown()
@@ -161,7 +134,7 @@ def test_impossible_requests_are_refused_before_any_worker_starts(scene, entry, 
     from MedSegSuiteLib.volume import Volume
 
     photo = add_volume_node(Volume(np.zeros((3, 1, 8, 8), np.uint8)), "photo")
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     with pytest.raises(InputError, match="segments 3D volumes"):
         logic.start(photo, entry)
     with pytest.raises(InputError, match="choose an input volume"):
@@ -176,7 +149,8 @@ def test_impossible_requests_are_refused_before_any_worker_starts(scene, entry, 
 
 def test_an_rgb_image_goes_to_the_worker_and_its_result_lands_on_the_image(scene, tmp_path):
     from MedSegSuiteLib.io import read_image
-    from MedSegSuiteLib.slicer.testing import reference_geometry_matches, segment_array
+    from MedSegSuiteLib.slicer.segmentations import geometry_matches
+    from MedSegSuiteLib.slicer.testing import segment_array
     from MedSegSuiteLib.slicer.volumes import add_volume_node
     from MedSegSuiteLib.volume import Volume
 
@@ -184,27 +158,27 @@ def test_an_rgb_image_goes_to_the_worker_and_its_result_lands_on_the_image(scene
     rgb[:, :, 4:9, 5:12] = 220
     photo = add_volume_node(Volume(rgb, (0.2, 0.2, 1.0), (5.0, 6.0, 0.0)), "photo")
     entry2d = ModelEntry(card_from_dict(dict(UNET2D_CARD, weights={"file": "m.safetensors"})), tmp_path, "user")
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start(photo, entry2d)
     sent = read_image(factory.last.received[-1]["params"]["input"])
     assert sent.array.shape == (3, 1, 16, 20) and np.array_equal(sent.array, rgb)
     factory.last.finish()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "done", status.message
     output = scene.GetNodeByID(status.output_node_id)
-    assert reference_geometry_matches(output, photo)
+    assert geometry_matches(output, photo)
     assert np.array_equal(segment_array(output, "Disc", photo), rgb[0] > 150)
     logic.shutdown()
 
 
 def test_devices_offer_cuda_only_when_the_worker_has_it(scene, tmp_path):
-    logic, _ = _logic(tmp_path)
+    logic, _ = fake_logic(tmp_path)
     assert logic.devices() == ["auto", "cpu"]
     logic.warm_up()
     logic.poll()
     assert logic.devices() == ["auto", "cpu"]
     logic.shutdown()
-    logic, _ = _logic(tmp_path, devices=("cpu", "cuda"))
+    logic, _ = fake_logic(tmp_path, devices=("cpu", "cuda"))
     logic.warm_up()
     deadline = time.monotonic() + 5
     while logic.client.ready is None and time.monotonic() < deadline:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import slicer_harness
 import vtk
 
 from MedSegSuiteLib.errors import InputError
@@ -35,16 +34,6 @@ LABELS = (
 
 
 @pytest.fixture
-def scene():
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(0)
-
-
-@pytest.fixture
 def ball(scene):
     from MedSegSuiteLib.slicer.testing import add_ball_volume
 
@@ -67,8 +56,14 @@ def test_terminology_strings_follow_slicers_seven_field_format():
 
 
 def test_labels_become_named_coloured_coded_segments_on_the_input_geometry(ball, scene):
-    from MedSegSuiteLib.slicer.segmentations import TAG_LABEL_VALUE, TAG_MODEL, create_segmentation_node, write_labels
-    from MedSegSuiteLib.slicer.testing import reference_geometry_matches, segment_array
+    from MedSegSuiteLib.slicer.segmentations import (
+        TAG_LABEL_VALUE,
+        TAG_MODEL,
+        create_segmentation_node,
+        geometry_matches,
+        write_labels,
+    )
+    from MedSegSuiteLib.slicer.testing import segment_array
 
     volume, labels = ball
     node = create_segmentation_node(volume)
@@ -87,7 +82,7 @@ def test_labels_become_named_coloured_coded_segments_on_the_input_geometry(ball,
     assert "SCT^108369006^Neoplasm" in segmentation.GetSegment("Tumour").GetTerminology()
     assert segmentation.GetSegment("Vessel").GetTerminology() != segmentation.GetSegment("Liver").GetTerminology()
     assert node.GetAttribute(TAG_MODEL) == "liver-dnet 1.2.0"
-    assert reference_geometry_matches(node, volume)
+    assert geometry_matches(node, volume)
     display = node.GetDisplayNode()
     assert display is not None and display.GetVisibility() and display.GetVisibility2D()
 
