@@ -18,6 +18,29 @@ OUTPUT_DIR = REPO / "Testing" / "output"
 torch.set_num_threads(int(os.environ.get("MEDSEGSUITE_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
+@pytest.fixture
+def scene():
+    """Slicer's MRML scene (the CI harness's stand-ins installed), empty before and after the test."""
+    import slicer_harness
+
+    slicer_harness.install()
+    import slicer
+
+    slicer.mrmlScene.Clear(0)
+    yield slicer.mrmlScene
+    slicer.mrmlScene.Clear(0)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny networks: their many small ops gain nothing from a second
+    thread, and on a shared 2-core machine the per-op synchronisation makes two threads much slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def sphere_volume(
     shape_zyx: tuple[int, int, int], centre_zyx: tuple[float, float, float], radius: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -21,14 +21,7 @@ from MedSegSuiteLib.training.losses.canet import (
     sigmoid_rampup,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run the tiny networks here on one thread (small ops; a shared machine makes two threads slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ball(shape=(20, 22, 18), centre=(9, 11, 8), radius=5.5) -> np.ndarray:

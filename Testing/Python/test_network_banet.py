@@ -16,13 +16,7 @@ KEYS = SHARED / "specs" / "keys"
 PAPER_PARAMS = 44_857_658
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _manifest(name: str) -> dict[str, tuple[int, ...]]:

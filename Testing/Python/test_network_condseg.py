@@ -16,13 +16,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 KEYS = SHARED / "specs" / "keys"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PAPER_PARAMS = 45_552_786

@@ -19,14 +19,7 @@ KEYS = SHARED / "specs" / "keys"
 TINY = {"widths": (8, 16, 32, 64, 128), "depths": (1, 1, 1, 1, 1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run these tiny networks on one thread: their many small ops gain little from a second thread, and on
-    a shared machine the per-op thread synchronisation makes two threads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:

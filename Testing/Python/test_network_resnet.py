@@ -17,14 +17,7 @@ from MedSegSuiteLib.networks.resnet import (
     run_sequential,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TORCHVISION_RESNET50_PARAMS = 25_557_032  # torchvision.models.resnet50().parameters()

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import slicer_harness
 from conftest import UNET3D_CARD, write_dicom_series
 
 from MedSegSuiteLib.errors import InputError
@@ -20,16 +19,6 @@ from MedSegSuiteLib.models.card import card_from_dict
 from MedSegSuiteLib.volume import Volume
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.11"
-
-
-@pytest.fixture
-def scene():
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(0)
 
 
 @pytest.fixture

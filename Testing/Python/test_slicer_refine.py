@@ -6,19 +6,15 @@ leaves the ``keep`` voxels alone, so every expectation here is exact.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-import slicer_harness
 from conftest import UNET3D_CARD
-from slicer_harness.fake_worker import FakeWorkerFactory
+from slicer_harness.fake_worker import fake_logic, wait_idle
 
 from MedSegSuiteLib.errors import InputError
 from MedSegSuiteLib.io import read_image
 from MedSegSuiteLib.models.card import card_from_dict
 from MedSegSuiteLib.models.registry import ModelEntry
-from MedSegSuiteLib.worker.client import WorkerClient
 
 HIDIFF_CARD = {
     "schema_version": 1,
@@ -50,33 +46,8 @@ HIDIFF_CARD = {
 
 
 @pytest.fixture
-def scene():
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(0)
-
-
-@pytest.fixture
 def refiner(tmp_path):
     return ModelEntry(card_from_dict(dict(HIDIFF_CARD, weights={"file": "model.safetensors"})), tmp_path, "user")
-
-
-def _logic(tmp_path, **options):
-    from MedSegSuiteLib.slicer.logic import SegmentationLogic
-
-    factory = FakeWorkerFactory(**options)
-    return SegmentationLogic(WorkerClient(process_factory=factory, temp_root=str(tmp_path))), factory
-
-
-def _wait(logic, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while logic.busy and time.monotonic() < deadline:
-        logic.poll()
-        time.sleep(0.01)
-    return logic.status
 
 
 def _segmentation(volume, segments):
@@ -148,13 +119,13 @@ def test_refinement_replaces_only_the_matched_segments_and_names_the_others(scen
     notes = np.zeros_like(discs)
     notes[1, 10:20, 14:18] = 1  # overlaps the disc and its border
     node = _segmentation(volume, {"Disc": (discs, None, None), "Notes": (notes, None, None)})
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     status = logic.start_refine(node, volume, refiner, steps=3, keep_edits=False)
     assert status.running and status.kind == "refine" and logic.job_kind == "refine"
     sent = factory.last.received[-1]
     assert sent["kind"] == "refine" and sent["params"]["steps"] == 3 and sent["params"]["scope"] == "volume"
     assert "keep" not in sent["params"] and np.array_equal(read_image(sent["params"]["mask"]).array, discs)
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "done" and status.kind == "refine", status.message
     assert np.array_equal(_mask(node, "Disc", volume), _grown(discs))
     assert np.array_equal(_mask(node, "Notes", volume), notes)
@@ -172,10 +143,10 @@ def test_keep_my_edits_holds_the_voxels_changed_since_the_last_ai_result(scene, 
     from MedSegSuiteLib.slicer.testing import add_disc_stack_volume
 
     volume, _ = add_disc_stack_volume("Discs")
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     entry = ModelEntry(card_from_dict(dict(HIDIFF_CARD, weights={"file": "m"})), tmp_path, "user")
     logic.start(volume, entry)  # the fake segments voxels brighter than 150 as Disc: an AI result
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "done", status.message
     node = scene.GetNodeByID(status.output_node_id)
     ai = _mask(node, "Disc", volume)
@@ -189,7 +160,7 @@ def test_keep_my_edits_holds_the_voxels_changed_since_the_last_ai_result(scene, 
     logic.start_refine(node, volume, refiner, steps=2, keep_edits=True)
     keep = read_image(factory.last.received[-1]["params"]["keep"]).array.astype(bool)
     assert np.array_equal(keep, edited != ai)
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "done", status.message
     refined = _mask(node, "Disc", volume)
     assert np.array_equal(refined[keep], edited[keep])
@@ -199,7 +170,7 @@ def test_keep_my_edits_holds_the_voxels_changed_since_the_last_ai_result(scene, 
     # the refined result is the new AI result: nothing is edited now, so nothing is held
     logic.start_refine(node, volume, refiner, steps=2, keep_edits=True)
     assert "keep" not in factory.last.received[-1]["params"]
-    _wait(logic)
+    wait_idle(logic)
     logic.shutdown()
 
 
@@ -208,13 +179,13 @@ def test_undo_restores_each_refinement_exactly_and_then_has_nothing_to_undo(scen
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
-    logic, _ = _logic(tmp_path)
+    logic, _ = fake_logic(tmp_path)
     assert not logic.can_undo(node)
     history = [_mask(node, "Disc", volume)]
     for _ in range(2):
         logic.start_refine(node, volume, refiner, steps=1, keep_edits=False)
         assert not logic.can_undo(node)  # not while a job runs
-        assert _wait(logic).state == "done"
+        assert wait_idle(logic).state == "done"
         history.append(_mask(node, "Disc", volume))
     assert not np.array_equal(history[2], history[1]) and logic.can_undo(node)
     status = logic.undo_refinement(node)
@@ -225,12 +196,12 @@ def test_undo_restores_each_refinement_exactly_and_then_has_nothing_to_undo(scen
     with pytest.raises(InputError, match="no refinement of 'Painted' to undo"):
         logic.undo_refinement(node)
     logic.start_refine(node, volume, refiner, steps=1, keep_edits=False)
-    _wait(logic)
+    wait_idle(logic)
     assert logic.can_undo(node) and logic.ai_results.snapshot(node) is not None
     scene.RemoveNode(node)
     other = _segmentation(volume, {"Disc": (discs, None, None)})
     logic.start_refine(other, volume, refiner, steps=1)  # forgets what it kept for removed segmentations
-    _wait(logic)
+    wait_idle(logic)
     assert not logic.undo_stack.can_undo(node) and logic.ai_results.snapshot(node) is None
     logic.shutdown()
 
@@ -240,15 +211,15 @@ def test_undo_also_restores_what_keep_my_edits_compares_with(scene, refiner, tmp
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     logic.remember_ai_result(node, volume)
     logic.start_refine(node, volume, refiner, steps=1, keep_edits=True)
     assert "keep" not in factory.last.received[-1]["params"]  # nothing edited since the AI result
-    _wait(logic)
+    wait_idle(logic)
     logic.undo_refinement(node)
     logic.start_refine(node, volume, refiner, steps=1, keep_edits=True)
     assert "keep" not in factory.last.received[-1]["params"]  # compared with the AI result before the undone one
-    _wait(logic)
+    wait_idle(logic)
     logic.shutdown()
 
 
@@ -257,10 +228,10 @@ def test_a_hand_painted_segment_counts_as_the_users_own_voxels(scene, refiner, t
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"disc": (discs, None, None)})
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     logic.start_refine(node, volume, refiner, steps=1, keep_edits=True)
     assert np.array_equal(read_image(factory.last.received[-1]["params"]["keep"]).array, discs)
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert "'disc' had no AI result" in status.message
     logic.shutdown()
 
@@ -270,20 +241,20 @@ def test_scopes_are_sent_as_a_slice_a_point_or_a_voxel_box(scene, refiner, tmp_p
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     logic.start_refine(node, volume, refiner, 2, keep_edits=False, scope="slice", slice_index=2)
     assert factory.last.received[-1]["params"]["slice"] == 2
-    _wait(logic)
+    wait_idle(logic)
     assert np.array_equal(_mask(node, "Disc", volume)[:2], discs[:2])  # the fake refined slice 2 only
     logic.start_refine(node, volume, refiner, 2, scope="slice", point_lps=(1.0, 2.0, 3.5))
     assert factory.last.received[-1]["params"]["point"] == [1.0, 2.0, 3.5]
-    _wait(logic)
+    wait_idle(logic)
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
     roi.SetCenter(*volume.GetOrigin())
     roi.SetSize(0.1, 0.1, 0.1)
     logic.start_refine(node, volume, refiner, 2, scope="roi", roi_node=roi)
     assert factory.last.received[-1]["params"]["roi"] == [0, 0, 0, 1, 1, 1]
-    _wait(logic)
+    wait_idle(logic)
     logic.shutdown()
 
 
@@ -294,7 +265,7 @@ def test_impossible_refinements_are_refused_before_anything_is_sent(scene, refin
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
     unet = ModelEntry(card_from_dict(dict(UNET3D_CARD, weights={"file": "m"})), tmp_path, "user")
-    logic, factory = _logic(tmp_path)
+    logic, factory = fake_logic(tmp_path)
     cases = [
         (dict(model=unet), "cannot run refinement steps; choose a HiDiff model"),
         (dict(steps=11), "steps must be between 1 and 10"),
@@ -333,7 +304,7 @@ def test_a_result_is_discarded_when_the_segment_was_edited_meanwhile(scene, refi
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start_refine(node, volume, refiner, 2, keep_edits=False)
     logic.poll()
     edited = discs.copy()
@@ -341,7 +312,7 @@ def test_a_result_is_discarded_when_the_segment_was_edited_meanwhile(scene, refi
     segment_id = node.GetSegmentation().GetSegmentIdBySegmentName("Disc")
     slicer.util.updateSegmentBinaryLabelmapFromArray(edited, node, segment_id, volume)
     factory.last.finish()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "failed" and "'Disc' was edited while refining" in status.message
     assert np.array_equal(_mask(node, "Disc", volume), edited) and not logic.can_undo(node)
     logic.shutdown()
@@ -352,16 +323,16 @@ def test_cancel_and_worker_errors_leave_the_segmentation_as_it_was(scene, refine
 
     volume, discs = add_disc_stack_volume("Discs")
     node = _segmentation(volume, {"Disc": (discs, None, None)})
-    logic, factory = _logic(tmp_path, hold=True)
+    logic, factory = fake_logic(tmp_path, hold=True)
     logic.start_refine(node, volume, refiner, 2)
     logic.cancel()
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "cancelled" and status.kind == "refine"
     assert np.array_equal(_mask(node, "Disc", volume), discs) and not logic.can_undo(node)
     logic.shutdown()
-    logic, _ = _logic(tmp_path, error=("InputError", "the mask holds label value(s) [7]"))
+    logic, _ = fake_logic(tmp_path, error=("InputError", "the mask holds label value(s) [7]"))
     logic.start_refine(node, volume, refiner, 2)
-    status = _wait(logic)
+    status = wait_idle(logic)
     assert status.state == "failed" and status.message == "Refinement failed: the mask holds label value(s) [7]"
     assert np.array_equal(_mask(node, "Disc", volume), discs)
     logic.shutdown()

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import slicer_harness
 import vtk
 from scipy.spatial.transform import Rotation
 
 from MedSegSuiteLib.errors import InputError
 from MedSegSuiteLib.io import read_image
 from MedSegSuiteLib.volume import Volume
-
-
-@pytest.fixture
-def scene():
-    slicer_harness.install()
-    import slicer
-
-    slicer.mrmlScene.Clear(0)
-    yield slicer.mrmlScene
-    slicer.mrmlScene.Clear(0)
 
 
 def _oblique(seed=0, shape=(5, 6, 7), dtype=np.float32):

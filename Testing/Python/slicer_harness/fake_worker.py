@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from typing import Any, Optional
 
 __all__ = ["FakeWorkerFactory", "FakeWorkerProcess"]
@@ -355,3 +356,21 @@ class FakeWorkerFactory:
     @property
     def last(self) -> FakeWorkerProcess:
         return self.processes[-1]
+
+
+def fake_logic(temp_root: Any, **options: Any) -> tuple[Any, FakeWorkerFactory]:
+    """A ``SegmentationLogic`` whose worker is a :class:`FakeWorkerFactory` built with ``options``, and the factory."""
+    from MedSegSuiteLib.slicer.logic import SegmentationLogic
+    from MedSegSuiteLib.worker.client import WorkerClient
+
+    factory = FakeWorkerFactory(**options)
+    return SegmentationLogic(WorkerClient(process_factory=factory, temp_root=str(temp_root))), factory
+
+
+def wait_idle(logic: Any, timeout: float = 10.0) -> Any:
+    """Poll ``logic`` until its job ends (or ``timeout`` seconds pass); returns its status."""
+    deadline = time.monotonic() + timeout
+    while logic.busy and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.01)
+    return logic.status
