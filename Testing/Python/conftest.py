@@ -13,9 +13,24 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
 OUTPUT_DIR = REPO / "Testing" / "output"
+KEYS = SHARED / "specs" / "keys"
 
 # MEDSEGSUITE_TEST_THREADS=1 keeps runs sane when other jobs share the CPU.
 torch.set_num_threads(int(os.environ.get("MEDSEGSUITE_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def official_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(key, shape, dtype)`` rows of an official state_dict manifest in ``../shared/specs/keys``
+    (dtype "" where the manifest has no dtype column); the test is skipped when it is absent."""
+    path = KEYS / name
+    if not path.exists():
+        pytest.skip(f"official key manifest {path} is not available (needs ../shared)")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape, *rest = line.split("\t")
+            rows.append((key, tuple(int(s) for s in shape.split(",") if s), rest[0] if rest else ""))
+    return rows
 
 
 @pytest.fixture

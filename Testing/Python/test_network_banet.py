@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import official_manifest
 
 from MedSegSuiteLib.networks import create
 from MedSegSuiteLib.networks.banet import BANet, FeatureCrossFusion, MultiTaskNet
 from MedSegSuiteLib.training.losses.banet import banet_loss
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS = SHARED / "specs" / "keys"
 PAPER_PARAMS = 44_857_658
 
 
@@ -20,16 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _manifest(name: str) -> dict[str, tuple[int, ...]]:
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"official key manifest {path} not available")
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")[:2]
-        out[key] = tuple(int(s) for s in shape.split(",") if s)
-    return out
+    return {key: shape for key, shape, _ in official_manifest(name)}
 
 
 def test_banet_paper_state_dict_matches_official_manifest():

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import dice, sphere_volume
+from conftest import dice, official_manifest, sphere_volume
 
 from MedSegSuiteLib import networks
 from MedSegSuiteLib.networks.canet import CANet, CANetDiscriminator
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS = SHARED / "specs" / "keys"
 TINY = {
     "base_filters": 4,
     "patch_size": (32, 32, 16),
@@ -27,18 +23,6 @@ TINY = {
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"{path} is not available (needs ../shared)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, shape, dtype = line.split("\t")
-            rows.append((key, tuple(int(s) for s in shape.split(",") if s), dtype))
-    return rows
-
-
 def _state(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     return [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in net.state_dict().items()]
 
@@ -49,14 +33,14 @@ def _n_params(net: torch.nn.Module) -> int:
 
 def test_canet_paper_state_dict_matches_official_manifest():
     net = networks.create("canet")
-    assert _state(net) == _manifest("canet_vnet.tsv")
+    assert _state(net) == official_manifest("canet_vnet.tsv")
     assert _n_params(net) == 24_491_330
     assert net.embeddings.position_embeddings.shape == (1, 245, 168)
 
 
 def test_canet_discriminator_paper_state_dict_matches_official_manifest():
     net = networks.create("canet_discriminator")
-    assert _state(net) == _manifest("canet_discriminator.tsv")
+    assert _state(net) == official_manifest("canet_discriminator.tsv")
     assert _n_params(net) == 11_020_290
 
 

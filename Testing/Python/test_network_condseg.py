@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import official_manifest
 
 from MedSegSuiteLib.networks import create
 from MedSegSuiteLib.networks.condseg import CDFA, ConDSeg, transfer_stage1_encoder
 from MedSegSuiteLib.training.losses.condseg import condseg_loss
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS = SHARED / "specs" / "keys"
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,16 +20,7 @@ STAGE1_PARAMS = 8_662_848
 
 
 def _manifest(name: str) -> dict[str, tuple[int, ...]]:
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"official key manifest {path} not available")
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")[:2]
-        out[key] = tuple(int(s) for s in shape.split(",") if s)
-    return out
+    return {key: shape for key, shape, _ in official_manifest(name)}
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

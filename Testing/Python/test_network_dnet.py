@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dice, sphere_volume
+from conftest import dice, official_manifest, sphere_volume
 
 from MedSegSuiteLib import networks
 from MedSegSuiteLib.networks import dnet as dnet_module
 from MedSegSuiteLib.networks.dnet import DFF, DLK, DNet
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS = SHARED / "specs" / "keys"
 TINY = {"widths": (8, 16, 32, 64, 128), "depths": (1, 1, 1, 1, 1)}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"{path} is not available (needs ../shared)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape, dtype = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.split(",") if s), dtype))
-    return rows
 
 
 def _state(net: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
@@ -45,13 +28,13 @@ def _n_params(net: torch.nn.Module) -> int:
 
 def test_dnet_paper_state_dict_matches_official_v2_manifest():
     net = networks.create("dnet")
-    assert _state(net) == _manifest("dnet_v2_k14.tsv")
+    assert _state(net) == official_manifest("dnet_v2_k14.tsv")
     assert _n_params(net) == 39_277_628
 
 
 def test_dnet_v1_state_dict_matches_official_v1_manifest():
     net = networks.create("dnet", variant="v1")
-    assert _state(net) == _manifest("dnet_v1_k14.tsv")
+    assert _state(net) == official_manifest("dnet_v1_k14.tsv")
     assert _n_params(net) == 29_957_220
 
 

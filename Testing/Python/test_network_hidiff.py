@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KEYS, official_manifest
 
 from MedSegSuiteLib.networks import create
 from MedSegSuiteLib.networks.hidiff import (
@@ -21,9 +20,6 @@ from MedSegSuiteLib.networks.hidiff import (
 )
 from MedSegSuiteLib.refine.bbdm import BBDM, BernoulliSchedule, prior_from_logits
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS = SHARED / "specs" / "keys"
-
 PAPER_K9_PARAMS = 89_209_929
 PAPER_K1_RGB_PARAMS = 89_184_577
 LITE_PARAMS = 5_483_977
@@ -32,16 +28,7 @@ SEGMENTOR_LITE_PARAMS = 734_121
 
 
 def _manifest(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"official key manifest {path} not available")
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")[:2]
-        out.append((key, tuple(int(s) for s in shape.split(",") if s)))
-    return out
+    return [(key, shape) for key, shape, _ in official_manifest(name)]
 
 
 def _params(model: torch.nn.Module) -> int:
