@@ -194,35 +194,23 @@ def refinement_cases(quick: bool) -> list[dict[str, Any]]:
 
 def finetune_cases() -> list[dict[str, Any]]:
     """One mean-teacher finetuning iteration (batch 2 labelled + 2 unlabelled) of each lite network."""
+    runs = (
+        ("condseg", "256x256", {"in_channels": 1, "out_channels": 1}, 2, {}),
+        ("banet", "256x256", {"in_channels": 1, "num_classes": 2}, 2, {}),
+        ("dnet", "64^3", {"in_channels": 1, "num_classes": 2}, 3, {"patch_zyx": [64, 64, 64]}),
+    )
     return [
         _call(
-            "condseg lite finetune iteration 256x256",
+            f"{network} lite finetune iteration {size}",
             "finetune_iteration",
             3,
-            network="condseg",
+            network=network,
             preset="lite",
-            config={"in_channels": 1, "out_channels": 1},
-            dims=2,
-        ),
-        _call(
-            "banet lite finetune iteration 256x256",
-            "finetune_iteration",
-            3,
-            network="banet",
-            preset="lite",
-            config={"in_channels": 1, "num_classes": 2},
-            dims=2,
-        ),
-        _call(
-            "dnet lite finetune iteration 64^3",
-            "finetune_iteration",
-            3,
-            network="dnet",
-            preset="lite",
-            config={"in_channels": 1, "num_classes": 2},
-            dims=3,
-            patch_zyx=[64, 64, 64],
-        ),
+            config=config,
+            dims=dims,
+            **extra,
+        )
+        for network, size, config, dims, extra in runs
     ]
 
 
