@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import MedSegSuiteError
+from .messages import describe_error
 
 __all__ = ["DependencyInstaller", "InstallError", "missing_requirements", "read_requirements", "satisfied"]
 
@@ -151,7 +152,15 @@ class DependencyInstaller:
             ) from None
         version = self.torch_requirement[len("torch") :].strip() or None
         log.info("installing PyTorch through the PyTorch extension (%s)", version or "any version")
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version)
+        try:
+            logic = PyTorchUtils.PyTorchUtilsLogic()
+            torch = logic.installTorch(askConfirmation=False, torchVersionRequirement=version)
+        except Exception as error:  # pip's CalledProcessError, an ImportError of the new build, anything else
+            log.warning("installing PyTorch failed", exc_info=True)
+            raise InstallError(
+                f"PyTorch could not be installed ({describe_error(error)}); install it from the PyTorch module, "
+                "restart 3D Slicer and click Segment again"
+            ) from None
         if torch is None:
             raise InstallError("PyTorch was not installed; install it from the PyTorch module and try again")
 
@@ -169,7 +178,9 @@ class DependencyInstaller:
                 log.info("installing %s (torch pinned to %s)", ", ".join(requirements), torch_version)
                 self.slicer.util.pip_install(list(requirements))
             except Exception as error:
-                raise InstallError(f"pip could not install {', '.join(requirements)}: {error}") from None
+                log.warning("pip failed", exc_info=True)
+                names = ", ".join(requirements)
+                raise InstallError(f"pip could not install {names} ({describe_error(error)})") from None
             finally:
                 if previous is None:
                     os.environ.pop("PIP_CONSTRAINT", None)

@@ -29,7 +29,16 @@ import slicer
 
 from ..errors import InputError
 from ..io.label_table import parse_terminology
-from .segmentations import TAG_LABEL_VALUE, TAG_MODEL, geometry_matches, segment_ids, segment_mask, segment_tag
+from .segmentations import (
+    TAG_LABEL_VALUE,
+    TAG_MODEL,
+    geometry_matches,
+    same_frame,
+    segment_ids,
+    segment_mask,
+    segment_tag,
+    segment_terminology,
+)
 from .volumes import grid_from_node
 
 __all__ = [
@@ -120,7 +129,7 @@ def _has_voxels(segmentation_node: Any, segment_id: str) -> bool:
 
     labelmap = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap
+        segmentation_node, segment_id, labelmap, False  # the node's own coordinates: only the voxel values matter
     ):
         return False
     scalars = labelmap.GetPointData().GetScalars()
@@ -138,7 +147,7 @@ def _write_on_grid(segmentation_node: Any, reference_node: Any, path: Path) -> N
     for index, segment_id in enumerate(segment_ids(segmentation_node)):
         segment = segmentation.GetSegment(segment_id)
         try:
-            terminology = parse_terminology(segment.GetTerminology() or "") or None
+            terminology = parse_terminology(segment_terminology(segment)) or None
         except InputError:
             terminology = None
         value = segment_tag(segment, TAG_LABEL_VALUE)
@@ -190,8 +199,11 @@ def export_segmentation(
     volume's grid (segments on another geometry are resampled onto it, nearest
     neighbour; voxels outside the volume are dropped, and a segment with voxels but none inside the
     volume is refused). A DICOM SEG references ``dicom_folder`` or, by default, the DICOM files
-    ``reference_node`` was loaded from. Existing files are
-    replaced only with ``overwrite``. Raises InputError with a one-line reason.
+    ``reference_node`` was loaded from. Files hold the reference volume's own (local)
+    coordinates, like the volume's file; a segmentation under another (linear)
+    transform than the volume is brought onto the volume's grid through both
+    transforms. Existing files are replaced only with ``overwrite``. Raises InputError
+    with a one-line reason.
     """
     from ..export import export, table_path_for
 
@@ -211,7 +223,9 @@ def export_segmentation(
     folder = Path(tempfile.mkdtemp(prefix="medsegsuite-export-"))
     try:
         source = folder / "segmentation.seg.nrrd"
-        if reference_node is None or geometry_matches(segmentation_node, reference_node):
+        if reference_node is None or (
+            same_frame(segmentation_node, reference_node) and geometry_matches(segmentation_node, reference_node)
+        ):  # the file holds the node's own coordinates: exactly the volume's grid when both share a transform
             _write_seg_nrrd(segmentation_node, source)
         else:
             _write_on_grid(segmentation_node, reference_node, source)

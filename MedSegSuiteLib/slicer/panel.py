@@ -24,19 +24,15 @@ import slicer
 import vtk
 from slicer.util import VTKObservationMixin
 
-from ..errors import MedSegSuiteError
 from .logic import DEVICE_TITLES, SegmentationLogic, TaskStatus, describe_model
+from .messages import _, error_message
 from .parameters import Parameters, get_parameter_node
 from .sections import ExportSection, FinetuneSection, RefineSection
+from .volumes import input_volumes
 
 __all__ = ["SegmentPanel"]
 
 log = logging.getLogger(__name__)
-
-
-def _sentence(text: str) -> str:
-    text = str(text).strip()
-    return (text[0].upper() + text[1:]) if text else text
 
 
 class SegmentPanel(VTKObservationMixin):
@@ -90,12 +86,9 @@ class SegmentPanel(VTKObservationMixin):
         """Bind the scene's parameter node, choosing the first volume if none is chosen yet."""
         parameters = Parameters(get_parameter_node(slicer.mrmlScene))
         if parameters.input_volume is None:
-            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") + slicer.util.getNodesByClass(
-                "vtkMRMLVectorVolumeNode"
-            ):
-                if not node.IsA("vtkMRMLLabelMapVolumeNode"):
-                    parameters.input_volume = node
-                    break
+            candidates = input_volumes(slicer.mrmlScene)
+            if candidates:
+                parameters.input_volume = candidates[0]
         if not parameters.model_id and self._entries:
             parameters.model_id = self._entries[0].card.id
         self.set_parameter_node(parameters.node)
@@ -301,8 +294,9 @@ class SegmentPanel(VTKObservationMixin):
             if not installer.ensure():
                 self.show_status(TaskStatus("idle", "MedSegSuite needs its Python packages; nothing was installed."))
                 return False
-        except MedSegSuiteError as error:
-            self.show_status(TaskStatus("failed", _sentence(str(error))))
+        except Exception as error:  # an InstallError, or whatever pip or the PyTorch extension raised
+            self.show_status(TaskStatus("failed", error_message(error, _("Installing Python packages"))))
+            self._update_enabled()
             return False
         if self.logic.packages_missing:
             self.refresh_models()
@@ -330,8 +324,9 @@ class SegmentPanel(VTKObservationMixin):
                 output_node=self.ui.outputSegmentationSelector.currentNode(),
                 fast=self.ui.fastCheckBox.isEnabled() and self.ui.fastCheckBox.isChecked(),
             )
-        except (MedSegSuiteError, OSError) as error:
-            self.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
+        except Exception as error:  # nothing was sent: the scene is unchanged
+            self.show_status(TaskStatus("failed", error_message(error, _("Segmentation"))))
+            self._update_enabled()
             return
         self.job_started(status)
 
@@ -343,7 +338,24 @@ class SegmentPanel(VTKObservationMixin):
         self.timer.start()
 
     def poll(self) -> None:
-        """Timer slot: process worker messages and update the panel."""
+        """Timer slot: process worker messages and update the panel; never raises.
+
+        An unexpected error here ends the running job (:meth:`.logic.SegmentationLogic.fail`):
+        the panel goes idle with one sentence on the status line.
+        """
+        try:
+            self._poll()
+        except Exception as error:
+            self.logic.fail(error)
+            self._job_active = False
+            self.timer.stop()
+            try:
+                self.show_status(self.logic.status)
+                self._update_enabled()
+            except Exception:  # the widgets themselves fail: the log has it, the timer is stopped
+                log.exception("the MedSegSuite panel could not show the end of a job")
+
+    def _poll(self) -> None:
         status = self.logic.poll()
         self.refresh_devices()
         if status.running:

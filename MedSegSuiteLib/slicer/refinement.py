@@ -27,7 +27,15 @@ import slicer
 from ..errors import InputError
 from ..io.label_table import parse_terminology
 from ..volume import Grid
-from .segmentations import TAG_LABEL_VALUE, TAG_MODEL, segment_ids, segment_mask, segment_tag, set_segment_mask
+from .segmentations import (
+    TAG_LABEL_VALUE,
+    TAG_MODEL,
+    segment_ids,
+    segment_mask,
+    segment_tag,
+    segment_terminology,
+    set_segment_mask,
+)
 from .volumes import grid_from_node
 
 __all__ = [
@@ -56,7 +64,7 @@ class SegmentMatch:
 
 def _type_code(segment: Any) -> Optional[tuple[str, str]]:
     try:
-        code = parse_terminology(segment.GetTerminology() or "").get("type")
+        code = parse_terminology(segment_terminology(segment)).get("type")
     except InputError:
         return None
     return (str(code[0]).upper(), str(code[1])) if code else None

@@ -30,12 +30,18 @@ __all__ = [
     "TAG_LABEL_VALUE",
     "TAG_MODEL",
     "create_segmentation_node",
+    "frame_matrix",
     "geometry_matches",
     "place_next_to",
+    "same_frame",
     "segment_ids",
+    "segment_labelmap",
     "segment_mask",
     "segment_tag",
+    "segment_terminology",
+    "SegmentationBackup",
     "set_segment_mask",
+    "set_segment_terminology",
     "write_labels",
 ]
 
@@ -76,17 +82,84 @@ def segment_tag(segment: Any, key: str) -> str:
     return str(value.get()) if segment.GetTag(key, value) else ""
 
 
+def segment_terminology(segment: Any) -> str:
+    """A segment's terminology string ("" when it has none).
+
+    Read through the tag API, which every Slicer 5.x has (``vtkSegment.GetTerminology``
+    only exists from Slicer 5.10 on).
+    """
+    return segment_tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName())
+
+
+def set_segment_terminology(segment: Any, terminology: str) -> None:
+    """Set a segment's terminology string (Slicer's seven ``~``-separated fields) through the tag API.
+
+    Slicer 5.8 stores and parses exactly this string under the ``TerminologyEntry`` tag
+    (``vtkSlicerTerminologiesModuleLogic::DeserializeTerminologyEntry``);
+    ``vtkSegment.SetTerminology`` (Slicer 5.10+) writes the same tag.
+    """
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+
+
+def _parent(node: Any) -> Any:
+    return node.GetParentTransformNode() if node is not None else None
+
+
+def same_frame(node: Any, other: Any) -> bool:
+    """True when both nodes sit under the same parent transform (or both under none): same local coordinates."""
+    a, b = _parent(node), _parent(other)
+    return (a.GetID() if a is not None else None) == (b.GetID() if b is not None else None)
+
+
+def frame_matrix(from_node: Any, to_node: Any) -> vtk.vtkMatrix4x4:
+    """The matrix from ``from_node``'s local coordinates to ``to_node``'s (identity when they share a frame).
+
+    Raises InputError when a non-linear transform lies between them (the voxels could
+    not be compared without warping): harden the transform or put both nodes under it.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    if same_frame(from_node, to_node):
+        return matrix
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(_parent(from_node), _parent(to_node), matrix):
+        raise InputError(
+            f"{from_node.GetName()!r} and {to_node.GetName()!r} are under different transforms and one is not "
+            "linear; put both under the same transform or harden it (Transforms module)"
+        )
+    return matrix
+
+
+def segment_labelmap(segmentation_node: Any, segment_id: str, reference_node: Any) -> Optional[Any]:
+    """A copy of a segment's binary labelmap placed in ``reference_node``'s local coordinates, or None if empty.
+
+    The labelmap is read in the segmentation's own coordinates (parent transform not
+    applied) and moved into the reference node's frame by :func:`frame_matrix`, so it
+    lines up with the reference's IJK-to-RAS matrix whatever transforms the two nodes
+    are under.
+    """
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap, False
+    ):
+        return None
+    if not same_frame(segmentation_node, reference_node):
+        to_reference = frame_matrix(segmentation_node, reference_node)
+        image_to_local, image_to_reference = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(image_to_local)
+        vtk.vtkMatrix4x4.Multiply4x4(to_reference, image_to_local, image_to_reference)
+        labelmap.SetImageToWorldMatrix(image_to_reference)
+    return labelmap
+
+
 def segment_mask(segmentation_node: Any, segment_id: str, reference_node: Any) -> np.ndarray:
     """A segment's voxels ``[k, j, i]`` (bool) on ``reference_node``'s voxel grid; adds nothing to the scene.
 
     The segment's binary labelmap is resampled (nearest neighbour) onto the reference
-    grid when its own geometry differs; an empty segment gives an all-false mask.
+    grid when its own geometry differs; parent transforms of both nodes are taken into
+    account (see :func:`segment_labelmap`); an empty segment gives an all-false mask.
     """
     i, j, k = reference_node.GetImageData().GetDimensions()
-    labelmap = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap
-    ):
+    labelmap = segment_labelmap(segmentation_node, segment_id, reference_node)
+    if labelmap is None:
         return np.zeros((k, j, i), dtype=bool)
     reference = slicer.vtkOrientedImageData()
     matrix = vtk.vtkMatrix4x4()
@@ -106,15 +179,19 @@ def segment_mask(segmentation_node: Any, segment_id: str, reference_node: Any) -
 def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, reference_node: Any) -> None:
     """Replace a segment's voxels with ``mask`` (``[k, j, i]`` on the reference grid); other segments keep theirs.
 
-    Where the new voxels overlap another segment that shares the layer, Slicer moves
-    the segment to a layer of its own, so no other segment loses a voxel.
+    The mask is placed through the reference's parent transform into the
+    segmentation's own coordinates (see :func:`frame_matrix`). Where the new voxels
+    overlap another segment that shares the layer, Slicer moves the segment to a layer
+    of its own, so no other segment loses a voxel.
     """
     grid = grid_from_node(reference_node)
     mask = np.asarray(mask)
     if mask.shape != grid.shape:
         raise InputError(f"a mask of shape {mask.shape} does not fit volume {reference_node.GetName()!r} {grid.shape}")
+    ijk_to_local = vtk.vtkMatrix4x4()
+    reference_node.GetIJKToRASMatrix(ijk_to_local)
     ijk_to_ras = vtk.vtkMatrix4x4()
-    reference_node.GetIJKToRASMatrix(ijk_to_ras)
+    vtk.vtkMatrix4x4.Multiply4x4(frame_matrix(reference_node, segmentation_node), ijk_to_local, ijk_to_ras)
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         _oriented_mask(mask, ijk_to_ras), segmentation_node, segment_id
     )
@@ -123,7 +200,11 @@ def set_segment_mask(segmentation_node: Any, segment_id: str, mask: np.ndarray, 
 
 
 def geometry_matches(segmentation_node: Any, volume_node: Any, atol: float = 1e-6) -> bool:
-    """True when the segmentation's reference image geometry is exactly the volume's grid (matrix and extent)."""
+    """True when the segmentation's reference image geometry is exactly the volume's grid (matrix and extent).
+
+    Compares the nodes' own (local) coordinates: callers that also need both nodes in
+    one frame check :func:`same_frame`.
+    """
     converter = slicer.vtkSegmentationConverter
     text = segmentation_node.GetSegmentation().GetConversionParameter(
         converter.GetReferenceImageGeometryParameterName()
@@ -185,7 +266,7 @@ def write_labels(
             segment = segmentation.GetSegment(segment_id)
             term = terminology_string(label)
             if term:
-                segment.SetTerminology(term)
+                set_segment_terminology(segment, term)
             if model_tag:
                 segment.SetTag(TAG_MODEL, model_tag)
             segment.SetTag(TAG_LABEL_VALUE, str(label.value))
@@ -206,6 +287,42 @@ def write_labels(
     display.SetVisibility(True)
     display.SetVisibility2D(True)
     return ids
+
+
+class SegmentationBackup:
+    """What :func:`write_labels` may change in an existing segmentation node, kept to put it back.
+
+    Holds a deep copy of the node's segmentation (segments, representations,
+    conversion parameters such as the reference geometry), its parent transform, its
+    ``MedSegSuite.model`` attribute and its display node's visibility.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.segmentation = slicer.vtkSegmentation()
+        self.segmentation.DeepCopy(node.GetSegmentation())
+        self.transform_id = node.GetTransformNodeID()
+        self.model = node.GetAttribute(TAG_MODEL)
+        display = node.GetDisplayNode()
+        self.visibility = (display.GetVisibility(), display.GetVisibility2D()) if display is not None else None
+
+    def restore(self) -> None:
+        """Put the node back as it was when the backup was taken."""
+        node = self.node
+        was_modifying = node.StartModify()
+        try:
+            node.GetSegmentation().DeepCopy(self.segmentation)
+            node.SetAndObserveTransformNodeID(self.transform_id)
+            if self.model is not None:
+                node.SetAttribute(TAG_MODEL, self.model)
+            else:
+                node.RemoveAttribute(TAG_MODEL)
+            display = node.GetDisplayNode()
+            if display is not None and self.visibility is not None:
+                display.SetVisibility(self.visibility[0])
+                display.SetVisibility2D(self.visibility[1])
+        finally:
+            node.EndModify(was_modifying)
 
 
 def place_next_to(node: Any, reference_node: Any) -> bool:

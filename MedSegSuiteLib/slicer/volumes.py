@@ -26,14 +26,35 @@ __all__ = [
     "LPS_FROM_RAS",
     "add_volume_node",
     "box_from_roi",
+    "INPUT_VOLUME_CLASSES",
     "grid_from_node",
     "ijk_to_ras_matrix",
+    "input_volumes",
     "update_node_from_volume",
     "volume_from_node",
 ]
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 _VECTOR_CLASSES = ("vtkMRMLVectorVolumeNode",)
+#: The volume classes the module takes as images, matched exactly: label maps and the
+#: scalar-volume subclasses for diffusion data (DWI, DTI) are no images to segment, and
+#: an RGB volume (a vector volume, which is also a scalar volume) is listed once.
+INPUT_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+
+
+def input_volumes(scene: Any) -> list[Any]:
+    """The scene's volumes that can be inputs (see :data:`INPUT_VOLUME_CLASSES`), in scene order, hidden ones left out.
+
+    The same nodes the panel's input selector offers (its ``nodeTypes`` with
+    ``showChildNodeTypes`` off).
+    """
+    found = []
+    nodes = scene.GetNodesByClass("vtkMRMLVolumeNode")
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if node.GetClassName() in INPUT_VOLUME_CLASSES and not node.GetHideFromEditors():
+            found.append(node)
+    return found
 
 
 def _direction_ras(node: Any) -> np.ndarray:
