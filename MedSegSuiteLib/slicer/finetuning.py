@@ -36,8 +36,8 @@ from ..io.segmentation import describe_grid, same_region
 from ..training.runs import pending_finetune_runs
 from ..volume import Grid
 from .refinement import match_segments
-from .segmentations import geometry_matches, segment_ids, segment_mask
-from .volumes import LPS_FROM_RAS, grid_from_node
+from .segmentations import geometry_matches, same_frame, segment_ids, segment_labelmap, segment_mask
+from .volumes import INPUT_VOLUME_CLASSES, LPS_FROM_RAS, grid_from_node, input_volumes
 
 __all__ = [
     "FinetuneCurve",
@@ -68,25 +68,22 @@ def reference_volume(segmentation_node: Any, scene: Optional[Any] = None) -> Opt
     """
     node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
     if node is not None:
-        if not node.IsA("vtkMRMLVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        if node.GetClassName() not in INPUT_VOLUME_CLASSES:  # a label map, a DWI or tensor volume, not a volume
             return None
         return node if node.GetImageData() is not None else None
     scene = scene or segmentation_node.GetScene() or slicer.mrmlScene
     found = [
         volume
         for volume in _volumes(scene)
-        if volume.GetImageData() is not None and geometry_matches(segmentation_node, volume, atol=1e-4)
+        if volume.GetImageData() is not None
+        and same_frame(segmentation_node, volume)
+        and geometry_matches(segmentation_node, volume, atol=1e-4)
     ]
     return found[0] if len(found) == 1 else None
 
 
 def _volumes(scene: Any) -> list[Any]:
-    return [
-        node
-        for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
-        for node in (scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls)))
-        if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetHideFromEditors()
-    ]
+    return input_volumes(scene)
 
 
 def candidate_pairs(scene: Optional[Any] = None) -> list[tuple[Any, Any]]:
@@ -165,10 +162,8 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
     other_grid: Optional[Grid] = None
     segmentation = segmentation_node.GetSegmentation()
     for segment_id in segment_ids(segmentation_node):
-        labelmap = slicer.vtkOrientedImageData()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            segmentation_node, segment_id, labelmap
-        ):
+        labelmap = segment_labelmap(segmentation_node, segment_id, volume_node)  # in the volume's own coordinates
+        if labelmap is None:
             continue
         extent = labelmap.GetExtent()
         scalars = labelmap.GetPointData().GetScalars()
@@ -203,7 +198,8 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
             outside.append(segmentation.GetSegment(segment_id).GetName())
     if not off_grid and not outside:
         return ""
-    grid = _segmentation_grid(segmentation_node)
+    # the segmentation's own grid is comparable only when both nodes share their coordinates
+    grid = _segmentation_grid(segmentation_node) if same_frame(segmentation_node, volume_node) else None
     if grid is None or grid.same_as(volume_grid, atol=1e-3):  # only segments are off the grid: they decide
         grid, region_ok = other_grid, True
     else:

@@ -34,8 +34,16 @@ import slicer
 from ..errors import InputError, MedSegSuiteError
 from ..worker.client import WorkerClient
 from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, parent_label_map
+from .messages import describe_error
 from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
-from .segmentations import create_segmentation_node, place_next_to, segment_ids, segment_mask, write_labels
+from .segmentations import (
+    SegmentationBackup,
+    create_segmentation_node,
+    place_next_to,
+    segment_ids,
+    segment_mask,
+    write_labels,
+)
 from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, volume_from_node
 
 __all__ = [
@@ -648,47 +656,82 @@ class SegmentationLogic:
         )
 
     def poll(self) -> TaskStatus:
-        """Process the worker's messages (never blocks) and return the current status."""
-        for message in self.client.poll():
+        """Process the worker's messages (never blocks) and return the current status.
+
+        Never raises: an unexpected error while reading or applying a message ends the
+        running job (see :meth:`fail`), the scene as it was before the result.
+        """
+        try:
+            messages = self.client.poll()
+        except Exception as error:
+            self.fail(error)
+            return self.status
+        for message in messages:
             task = self._task
-            if task is None or message.get("job") != task.job:
-                if message["type"] == "died":
-                    log.info("idle worker ended: %s", message["message"])
-                continue
-            kind = message["type"]
-            if kind == "progress":
-                stage, done, total, unit = message["stage"], message["done"], message["total"], message.get("unit", "")
-                title = _STAGE_TITLES.get(stage, stage.capitalize())
-                text = f"{title}: {done} / {total} {unit}" if total > 1 else f"{title}..."
-                if task.kind == "finetune" and stage == "training":
-                    text += self._time_left(task, done, total)
-                if task.cancel_requested:
-                    text = "Cancelling..." if task.kind != "finetune" else "Cancelling (writing a checkpoint)..."
-                self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "", kind=task.kind)
-            elif kind == "log":
-                self._finetune_record(task, message.get("record") or {})
-            elif kind == "result":
-                if task.kind == "finetune":  # registered even when a cancel came too late
-                    self._finish(self._apply_finetune(task, message))
-                elif task.cancel_requested:
-                    self._finish(self._cancelled())
-                elif task.kind == "timing":
-                    self._finish(self._apply_timing(task, message))
-                elif task.kind == "refine":
-                    self._finish(self._apply_refinement(task, message))
-                else:
-                    self._finish(self._apply(task, message))
-            elif kind == "cancelled":
-                self._finish(self._finetune_stopped(task, "") if task.kind == "finetune" else self._cancelled())
-            elif kind == "error":
-                text = self._name_job_files(task, str(message["message"]))
-                self._finish(TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {text}"))
-            elif kind == "died":
-                text = message["message"][0].upper() + message["message"][1:] + "."
-                self._finish(
-                    self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text)
-                )
+            try:
+                if task is None or message.get("job") != task.job:
+                    if message.get("type") == "died":
+                        log.info("idle worker ended: %s", message.get("message"))
+                    continue
+                self._handle(task, message)
+            except Exception as error:
+                if self._task is task:
+                    self.fail(error)
         return self.status
+
+    def fail(self, error: BaseException) -> TaskStatus:
+        """End the running job after an unexpected error: the worker is told to stop, the status says so in one
+        sentence, and the traceback goes to the log. Without a running job only the status changes."""
+        log.error("MedSegSuite job ended by an unexpected error", exc_info=error)
+        task = self._task
+        title = _JOB_TITLES.get(task.kind, "The job") if task is not None else "The job"
+        if task is not None:
+            try:
+                self.client.cancel(task.job)
+            except Exception:  # the worker may be the problem: the job ends here anyway
+                log.warning("could not cancel job %s", task.job, exc_info=True)
+        text = (
+            f"{title} stopped by an unexpected error ({describe_error(error)}); nothing was changed in the scene. "
+            "Details are in the Python console."
+        )
+        self._finish(TaskStatus("failed", text))
+        return self.status
+
+    def _handle(self, task: _Task, message: dict[str, Any]) -> None:
+        """Act on one message of the running job."""
+        kind = message["type"]
+        if kind == "progress":
+            stage, done, total, unit = message["stage"], message["done"], message["total"], message.get("unit", "")
+            title = _STAGE_TITLES.get(stage, stage.capitalize())
+            text = f"{title}: {done} / {total} {unit}" if total > 1 else f"{title}..."
+            if task.kind == "finetune" and stage == "training":
+                text += self._time_left(task, done, total)
+            if task.cancel_requested:
+                text = "Cancelling..." if task.kind != "finetune" else "Cancelling (writing a checkpoint)..."
+            self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "", kind=task.kind)
+        elif kind == "log":
+            self._finetune_record(task, message.get("record") or {})
+        elif kind == "result":
+            if task.kind == "finetune":  # registered even when a cancel came too late
+                self._finish(self._apply_finetune(task, message))
+            elif task.cancel_requested:
+                self._finish(self._cancelled())
+            elif task.kind == "timing":
+                self._finish(self._apply_timing(task, message))
+            elif task.kind == "refine":
+                self._finish(self._apply_refinement(task, message))
+            else:
+                self._finish(self._apply(task, message))
+        elif kind == "cancelled":
+            self._finish(self._finetune_stopped(task, "") if task.kind == "finetune" else self._cancelled())
+        elif kind == "error":
+            text = self._name_job_files(task, str(message["message"]))
+            self._finish(TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {text}"))
+        elif kind == "died":
+            text = message["message"][0].upper() + message["message"][1:] + "."
+            self._finish(
+                self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text)
+            )
 
     def _name_job_files(self, task: _Task, text: str) -> str:
         """A worker's error with the job's copy of the input volume called by the volume's name, not its file."""
@@ -789,25 +832,33 @@ class SegmentationLogic:
         input_node = scene.GetNodeByID(task.input_node_id)
         if input_node is None:
             return TaskStatus("failed", "The input volume was removed while segmenting; the result was discarded.")
+        card = task.entry.card
+        created, backup = None, None
         try:
             labels = read_image(message["outputs"]["labels"])
             if not labels.grid.same_as(grid_from_node(input_node)):
                 raise InputError("the input volume changed while segmenting; the result was discarded: run again")
             output = scene.GetNodeByID(task.output_node_id) if task.output_node_id else None
-            created = output is None or not output.IsA("vtkMRMLSegmentationNode")
-            if created:
-                output = create_segmentation_node(input_node, scene=scene)
-            card = task.entry.card
+            if output is None or not output.IsA("vtkMRMLSegmentationNode"):
+                output = created = create_segmentation_node(input_node, scene=scene)
+            else:
+                backup = SegmentationBackup(output)
             array = labels.array if labels.array.ndim == 3 else labels.array[0]
             ids = write_labels(output, array, input_node, card.labels, model_tag=f"{card.id} {card.version}")
-            if created:
+            if created is not None:
                 place_next_to(output, input_node)
-            self.undo_stack.forget(output)  # a new result: earlier refinements cannot be undone into it
             masks = {sid: array == label.value for sid, label in zip(ids, card.labels)}
-            self.ai_results.remember(output, labels.grid, masks, replace=True)
             self._show(input_node)
-        except MedSegSuiteError as error:
-            return TaskStatus("failed", f"Segmentation failed: {error}")
+        except Exception as error:  # nothing half-made stays: a new node goes, an existing one is put back
+            if created is not None and created.GetScene() is not None:
+                scene.RemoveNode(created)
+            elif backup is not None:
+                backup.restore()
+            if isinstance(error, MedSegSuiteError):
+                return TaskStatus("failed", f"Segmentation failed: {error}")
+            raise
+        self.undo_stack.forget(output)  # a new result: earlier refinements cannot be undone into it
+        self.ai_results.remember(output, labels.grid, masks, replace=True)
         info = dict(message.get("info", {}))
         found = [label.name for label in card.labels if label.value in info.get("labels_present", [])]
         seconds = time.monotonic() - task.started
@@ -840,11 +891,11 @@ class SegmentationLogic:
             self.undo_stack.push(segmentation_node, ai_before)
             try:
                 masks, changed = apply_refinement(segmentation_node, volume_node, plan, array)
-            except BaseException:
-                self.undo_stack.pop(segmentation_node)
+                self.ai_results.remember(segmentation_node, refined.grid, masks)
+            except BaseException:  # the segmentation and the AI results go back to how they were
+                self.ai_results.restore(segmentation_node, self.undo_stack.pop(segmentation_node))
                 raise
-            self.ai_results.remember(segmentation_node, refined.grid, masks)
-        except MedSegSuiteError as error:
+        except MedSegSuiteError as error:  # apply_refinement changed nothing, or the undo copy put it back
             return TaskStatus("failed", f"Refinement failed: {error}")
         info = dict(message.get("info", {}))
         seconds = time.monotonic() - task.started

@@ -17,6 +17,8 @@ import slicer
 from ..errors import MedSegSuiteError
 from .exporting import DICOM_UIDS_ATTRIBUTE, FORMATS, dicom_unavailable_reason, format_of, with_format
 from .logic import REFINE_SCOPES, TaskStatus, diffusion_steps, is_refiner
+from .messages import _, error_message
+from .volumes import input_volumes
 
 if TYPE_CHECKING:
     from .panel import SegmentPanel
@@ -204,8 +206,9 @@ class RefineSection:
                 roi_node=ui.refineRegionSelector.currentNode() if scope == "roi" else None,
                 device=panel.parameters.device if panel.parameters is not None else "auto",
             )
-        except (MedSegSuiteError, OSError) as error:
-            panel.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
+        except Exception as error:  # nothing was sent: the scene is unchanged
+            panel.show_status(TaskStatus("failed", error_message(error, _("Refinement"))))
+            panel.update_enabled()
             return
         if note:
             status.message = status.message.rstrip(".") + note + "..."
@@ -215,8 +218,8 @@ class RefineSection:
         logic, panel = self.panel.logic, self.panel
         try:
             status = logic.undo_refinement(self.ui.outputSegmentationSelector.currentNode())
-        except MedSegSuiteError as error:
-            status = TaskStatus("failed", _sentence(str(error)) + ".")
+        except Exception as error:
+            status = TaskStatus("failed", error_message(error, _("Undo")))
         panel.show_status(status)
         panel.update_enabled()
 
@@ -228,7 +231,7 @@ class ExportSection:
         self.panel = panel
         self.ui = ui = panel.ui
         self._dicom_check: tuple[Any, str] = (None, "")
-        for key, (_, title) in FORMATS.items():
+        for key, (_ext, title) in FORMATS.items():
             ui.exportFormatSelector.addItem(title, key)
         ui.exportFormatSelector.currentIndexChanged.connect(self._on_format_changed)
         ui.exportPathLineEdit.textChanged.connect(self._on_changed)
@@ -334,7 +337,9 @@ class ExportSection:
                 overwrite=ui.exportOverwriteCheckBox.isChecked(),
             )
         except (MedSegSuiteError, OSError) as error:
-            status = TaskStatus("failed", f"Export failed: {error}.")
+            status = TaskStatus("failed", _("Export failed: {error}.").format(error=str(error).rstrip(".")))
+        except Exception as error:  # exporting writes files only: the scene is unchanged
+            status = TaskStatus("failed", error_message(error, _("Export")))
         if panel.logic.busy:  # a job runs: its progress owns the bar, the export result the line
             panel.ui.statusLabel.setText(status.message)
         else:
@@ -424,12 +429,7 @@ class FinetuneSection:
         checked = {node.GetID() for node in (p.finetune_labelled if p is not None else [])}
         checked_volumes = {node.GetID() for node in (p.finetune_unlabelled if p is not None else [])}
         entry = self.current_entry()
-        volumes = [
-            node
-            for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
-            for node in slicer.util.getNodesByClass(cls)
-            if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetHideFromEditors()
-        ]
+        volumes = input_volumes(scene)
         self._filling = True
         try:
             for widget, rows in (
@@ -729,8 +729,9 @@ class FinetuneSection:
                     return
                 resample = True
                 continue
-            except (MedSegSuiteError, OSError) as error:
-                panel.show_status(TaskStatus("failed", _sentence(str(error)) + "."))
+            except Exception as error:  # nothing was sent
+                panel.show_status(TaskStatus("failed", error_message(error, _("Finetuning"))))
+                panel.update_enabled()
                 return
             break
         panel.job_started(status)
