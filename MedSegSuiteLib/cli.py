@@ -96,6 +96,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         row = entry.summary()
         row["labels"] = ",".join(row["labels"])
         row["parent"] = row["parent"] or "-"
+        verdict = entry.card.training.get("finetune", {}).get("verdict") if entry.card.parent else None
+        if isinstance(verdict, dict) and not verdict.get("selected", True):
+            row["parent"] += f" ({verdict.get('outcome')}, not selected)"
         rows.append(row)
     _print_table(rows, ("id", "version", "network", "dims", "labels", "licence", "source", "parent"))
     return 0
@@ -307,18 +310,38 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         resample=args.resample,
         h5_spacing=_numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0),
+        keep_if_worse=args.keep_if_worse,
     )
     bar = ProgressBar(enabled=not args.quiet)
     try:
         entry = finetune_model(options, progress=bar, resume=args.resume)
     finally:
         bar.close()
-    metrics = {m["name"]: m["value"] for m in entry.card.metrics}
-    print(
-        f"registered {entry.card.id} (parent {entry.card.parent}) in {entry.directory}: Dice "
-        f"{metrics.get('dice_before_finetuning')} -> {metrics.get('dice')} on {entry.card.metrics[0]['split']}"
-    )
+    print(_finetune_report(entry))
     return 0
+
+
+def _finetune_report(entry: Any) -> str:
+    """What a finished finetuning tells the user: where the model is, and in plain words whether it is better."""
+    from .training.verdict import FinetuneVerdict
+
+    card = entry.card
+    facts = card.training.get("finetune", {})
+    verdict = FinetuneVerdict.from_dict(facts.get("verdict"))
+    head = f"registered {card.id} (parent {card.parent}) in {entry.directory}"
+    if verdict is None:
+        return head
+    lines = [f"{head}; checked on {facts.get('split', '')}", verdict.sentence(card.parent or "the parent")]
+    if verdict.better:
+        lines.append(f"Selected: use it with -m {card.id}.")
+    elif verdict.selected:
+        lines.append(f"Kept as selected anyway, as asked (--keep-if-worse); use it with -m {card.id}.")
+    else:
+        lines.append(
+            f"WARNING: {card.id} is NOT selected; keep using {card.parent}. It stays registered: "
+            f"use it explicitly with -m {card.id}, or remove it with `medsegsuite models remove {card.id}`."
+        )
+    return "\n".join(lines)
 
 
 # -- evaluate --------------------------------------------------------------------------------
@@ -520,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue the newest unfinished finetuning of this parent")
     ft.add_argument("--device", default="auto")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument(
+        "--keep-if-worse",
+        action="store_true",
+        help="select the new model even when it is not better than its parent on the held-back cases",
+    )
     ft.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
     ft.add_argument("-q", "--quiet", action="store_true")
     ft.set_defaults(func=_cmd_finetune)

@@ -15,6 +15,8 @@ is refused.
 ``vtkMRMLTableNode`` objects drawn by one ``vtkMRMLPlotChartNode`` (shown in a plot
 view when Slicer has a layout). :class:`FinetuneTiming` holds what a timing job
 measured and :func:`estimate_seconds` turns it into the duration of a run.
+:func:`finetune_outcome` says in plain words whether a finished run beat its parent on
+the held-back cases and whether Segment switches to the new model.
 :func:`unfinished_run` finds a run that can be resumed, without torch.
 """
 
@@ -34,6 +36,7 @@ from vtk.util import numpy_support
 from ..errors import InputError
 from ..io.segmentation import describe_grid, same_region
 from ..training.runs import pending_finetune_runs
+from ..training.verdict import FinetuneVerdict
 from ..volume import Grid
 from .refinement import match_segments
 from .segmentations import geometry_matches, same_frame, segment_ids, segment_labelmap, segment_mask
@@ -47,6 +50,7 @@ __all__ = [
     "case_geometry",
     "describe_duration",
     "estimate_seconds",
+    "finetune_outcome",
     "parent_label_map",
     "reference_volume",
     "unfinished_run",
@@ -422,6 +426,21 @@ def validation_count(iterations: int) -> int:
     iterations = max(1, int(iterations))
     every = max(1, iterations // 5)
     return iterations // every + (1 if iterations % every else 0)
+
+
+def finetune_outcome(info: dict[str, Any], parent_name: str) -> tuple[str, bool]:
+    """``(words, select)`` for a finished run's worker ``info``: is the new model better than its parent on
+    the held-back cases, and should Segment switch to it (only when the run's verdict selected it)?"""
+    model = str(info.get("model", "the new model"))
+    verdict = FinetuneVerdict.from_dict(info.get("verdict"))
+    if verdict is None:
+        return f"Its gain was not checked; Segment keeps {parent_name} (choose {model} to use it).", False
+    words = verdict.sentence(parent_name)
+    if verdict.selected:
+        return f"{words} Segment uses the new model now.", True
+    if verdict.outcome == "not checked":
+        return f"{words} Segment keeps {parent_name}; choose {model} in the model list to try the new one.", False
+    return f"{words} Segment keeps {parent_name}; choose {model} in the model list to use it anyway.", False
 
 
 def estimate_seconds(timing: FinetuneTiming, iterations: int) -> float:

@@ -33,7 +33,7 @@ import slicer
 
 from ..errors import InputError, MedSegSuiteError
 from ..worker.client import WorkerClient
-from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, parent_label_map
+from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, finetune_outcome, parent_label_map
 from .messages import describe_error
 from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
 from .segmentations import (
@@ -789,11 +789,9 @@ class SegmentationLogic:
         card = task.entry.card
         seconds = time.monotonic() - task.started
         device = str(info.get("device", "?")).replace("cpu", "CPU")
-        text = f"Finetuned {card.name} into {info.get('model')} in {describe_duration(seconds)} on {device}"
-        before, after = info.get("dice_before"), info.get("dice_after")
-        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
-            text += f": Dice {before:.3f} \u2192 {after:.3f} ({info.get('split', '')})"
-        text += ". It is in the model list now; Segment uses it."
+        words, info["selected"] = finetune_outcome(info, card.name)
+        self.finetune_latest["outcome"] = words
+        text = f"Finetuned {card.name} into {info.get('model')} in {describe_duration(seconds)} on {device}. {words}"
         return TaskStatus("done", text, info=info)
 
     def _apply_timing(self, task: _Task, message: dict[str, Any]) -> TaskStatus:

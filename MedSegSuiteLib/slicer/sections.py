@@ -651,7 +651,12 @@ class FinetuneSection:
             parts.append(f"Loss {latest['loss']:.4f} at iteration {latest.get('iteration')}")
         if "val_dice" in latest:
             parts.append(f"validation Dice {latest['val_dice']:.3f} at iteration {latest.get('val_iteration')}")
-        self.ui.finetuneLossLabel.setText("; ".join(parts))
+        text = "; ".join(parts)
+        if latest.get("outcome"):  # the held-back check of the finished run, in bold above its curve's numbers
+            from html import escape
+
+            text = "<br>".join([f"<b>{escape(latest['outcome'], False)}</b>"] + ([escape(text, False)] if text else []))
+        self.ui.finetuneLossLabel.setText(text)
 
     # -- actions ---------------------------------------------------------------------------
     def _curve(self) -> Any:
@@ -737,10 +742,10 @@ class FinetuneSection:
         panel.job_started(status)
 
     def job_ended(self, status: TaskStatus) -> None:
-        """A finetuning or timing ended: list a new model and choose it for Segment."""
+        """A finetuning or timing ended: list a new model, and choose it for Segment only when it beat its parent."""
         if status.kind == "finetune":
             self.panel.refresh_models()
-            new = status.info.get("model") if status.state == "done" else None
+            new = status.info.get("model") if status.state == "done" and status.info.get("selected") else None
             if new and self.panel.parameters is not None and self.ui.modelSelector.findData(new) >= 0:
                 self.panel.parameters.model_id = new
         self.show_latest()

@@ -33,6 +33,7 @@ from .recipes.base import TrainingData
 from .recipes.mean_teacher import MeanTeacherRecipe
 from .runs import WORKDIR_SUFFIX, finetune_base, pending_finetune_runs
 from .trainer import Trainer, TrainingSettings
+from .verdict import FinetuneVerdict
 
 __all__ = ["FinetuneOptions", "finetune_model", "load_labelled", "next_finetune_id"]
 
@@ -55,6 +56,8 @@ class FinetuneOptions:
     device: str = "auto"
     seed: int = 0
     held_out: Optional[int] = None  # default: 20% of the labelled cases (at least one) when there are 3 or more
+    keep_parent_weights: bool = True  # the parent competes as checkpoint 0: a run that never beats it returns it
+    keep_if_worse: bool = False  # select the new model even when the held-back check finds it no better
     resample: bool = False
     h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +145,14 @@ def finetune_model(
     resume: bool = False,
     on_log: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> ModelEntry:
-    """Finetune ``options.parent`` and register the new model in the user folder; returns its entry."""
+    """Finetune ``options.parent`` and register the new model in the user folder; returns its entry.
+
+    The held-back labelled cases decide: the new card's ``training.finetune.verdict``
+    (see :class:`~.verdict.FinetuneVerdict`) says whether it beat its parent there and
+    whether it is selected. With ``options.keep_parent_weights`` the parent's weights
+    compete as the first checkpoint, so a run in which no checkpoint beats the parent on
+    the held-back cases returns the parent's weights (and is not better).
+    """
     registry = registry or ModelRegistry()
     device = resolve_device(options.device)
     parent = load_model(options.parent, registry, device="cpu")
@@ -253,10 +263,32 @@ def finetune_model(
         }
     )
     settings = TrainingSettings(options.iterations, max(1, options.iterations // 5), seed=options.seed)
-    trainer = Trainer(recipe, data, new_card, validation, settings, output)
+    baseline = before if options.keep_parent_weights else None
+    trainer = Trainer(recipe, data, new_card, validation, settings, output, baseline=baseline)
     entry = trainer.run(progress, cancel, resume=resume, on_log=on_log)
-    after = next(m["value"] for m in entry.card.metrics if m["name"] == "dice")
-    log.info("finetuned %s -> %s: Dice %.4f -> %.4f on %s", card.id, model_id, before["dice"], after, split)
+    kept_parent = baseline is not None and trainer.best is not None and trainer.best.get("iteration") == 0
+    verdict = _record_verdict(entry, len(held_out), kept_parent, options.keep_if_worse)
+    log.info("finetuned %s -> %s: %s", card.id, model_id, verdict.sentence(card.id))
     if options.output is not None and Path(output).resolve().parent != registry.user_dir.resolve():
         return registry.import_model(output)
     return registry.get(model_id)
+
+
+def _record_verdict(entry: ModelEntry, held_back: int, kept_parent: bool, keep_if_worse: bool) -> FinetuneVerdict:
+    """Judge the saved model against its parent and write the verdict into its card (atomically)."""
+    from ..io.atomic import atomic_output
+    from ..models.card import CARD_FILE, card_from_dict, save_card
+
+    metrics = {m["name"]: m["value"] for m in entry.card.metrics}
+    verdict = FinetuneVerdict.judge(
+        float(metrics["dice_before_finetuning"]),
+        float(metrics["dice"]),
+        held_back,
+        kept_parent=kept_parent,
+        keep_if_worse=keep_if_worse,
+    )
+    data = entry.card.to_dict()
+    data["training"]["finetune"]["verdict"] = verdict.to_dict()
+    with atomic_output(entry.directory / CARD_FILE, overwrite=True) as tmp:
+        save_card(card_from_dict(data, source=str(entry.directory / CARD_FILE)), tmp)
+    return verdict

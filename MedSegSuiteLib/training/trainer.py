@@ -66,6 +66,9 @@ class Trainer:
         validation: (id, image, label) cases held out from training, at full resolution.
         settings: see :class:`TrainingSettings`.
         output: the model folder to create.
+        baseline: metrics of the starting weights on ``validation`` (e.g. a parent model's):
+            they compete as the checkpoint of iteration 0, so a run that never beats them
+            returns the starting weights.
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class Trainer:
         validation: Sequence[tuple[str, Volume, Volume]],
         settings: TrainingSettings,
         output: Path,
+        baseline: Optional[dict[str, Any]] = None,
     ) -> None:
         self.recipe, self.data, self.settings = recipe, data, settings
+        self.baseline = baseline
         self.card = dict(card)
         self.validation = list(validation)[: settings.max_val_cases]
         self.output = Path(output)
@@ -158,6 +163,9 @@ class Trainer:
             if on_log is not None:
                 on_log(entry)
 
+        if self.baseline is not None and not resume:
+            self._keep_baseline(record)
+
         try:
             self._loop(progress, cancel, record)
         except Cancelled:
@@ -195,6 +203,13 @@ class Trainer:
             elif time.monotonic() - last_checkpoint > settings.checkpoint_minutes * 60:
                 self._save_checkpoint()
                 last_checkpoint = time.monotonic()
+
+    def _keep_baseline(self, record) -> None:  # noqa: ANN001
+        baseline = dict(self.baseline or {})
+        baseline["per_label"] = {str(value): m for value, m in baseline.get("per_label", {}).items()}
+        self.best = {**baseline, "iteration": 0}
+        save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
+        record({"iteration": 0, "val_dice": baseline["dice"], "val_hd95": baseline.get("hd95")})
 
     def _validate_and_keep_best(self, cancel, record) -> None:  # noqa: ANN001
         metrics = self.validate(cancel)

@@ -54,7 +54,9 @@ Job kinds (:func:`default_handlers`):
     ``{"event": "checkpoint", "model", "iteration"}`` when a resumable checkpoint was
     written. ``outputs``: ``{"model": folder}`` (none when measuring). ``info``: model
     id, version and folder, parent, device, iterations, resumed, case counts,
-    ``dice_before`` / ``dice_after`` and their ``split``, seconds; when measuring
+    ``dice_before`` / ``dice_after`` and their ``split``, ``verdict`` (the held-back check,
+    see :class:`~MedSegSuiteLib.training.verdict.FinetuneVerdict`), ``selected`` (whether the
+    new model should replace its parent), seconds; when measuring
     ``seconds_per_iteration``, ``seconds_per_validation`` (an upper bound: it includes
     setting the training up), ``seconds_setup`` (reading data and model).
 
@@ -547,6 +549,8 @@ def finetune_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
             "dice_before": metrics.get("dice_before_finetuning"),
             "dice_after": metrics.get("dice"),
             "split": facts.get("split", ""),
+            "verdict": facts.get("verdict"),
+            "selected": bool((facts.get("verdict") or {}).get("selected", False)),
             "seconds": {"total": round(time.perf_counter() - started, 3)},
         },
     )

@@ -76,6 +76,14 @@ def test_finetuning_fixes_a_wrong_parent_and_registers_a_new_model(home, unet3d_
     assert sha256_file(registry.get("test-unet3d").weights_path) == parent_sha, "the parent must not change"
     assert [e.card.id for e in registry.entries()] == ["test-unet3d", "test-unet3d-ft-1"]
     assert (entry.directory / "training_log.json").is_file()
+    verdict = finetune["verdict"]
+    assert verdict["outcome"] == "better" and verdict["selected"] and verdict["held_back"] == 1
+    assert verdict["dice_before"] == metrics["dice_before_finetuning"] and verdict["dice_after"] == metrics["dice"]
+    assert logs[0] == {
+        "iteration": 0,
+        "val_dice": pytest.approx(metrics["dice_before_finetuning"], abs=1e-4),
+        "val_hd95": logs[0]["val_hd95"],
+    }  # the parent is checkpoint 0
 
 
 def test_unlabelled_consistency_alone_changes_the_weights(unet3d_dir, dark_balls):
@@ -220,3 +228,70 @@ def test_resume_offers_the_newest_unfinished_run_and_never_a_finished_one(home):
     assert next_finetune_id("ball", registry, resume=True) == "ball-ft-2"
     assert unfinished_run("ball-ft-1", registry.user_dir) == ("ball-ft-2", 0)
     assert next_finetune_id("ball", registry) == "ball-ft-4"
+
+
+def _state(directory):
+    from MedSegSuiteLib.models import load_model
+
+    return {k: v.float() for k, v in load_model(str(directory)).network.state_dict().items() if v.is_floating_point()}
+
+
+def test_a_model_worse_than_its_parent_is_reported_as_such_and_not_selected(home, unet3d_dir, dark_balls):
+    """Adam at a learning rate of 1 wrecks every weight in one step: the held-back Dice must fall, and say so."""
+    from MedSegSuiteLib.training.verdict import FinetuneVerdict
+
+    ModelRegistry().import_model(unet3d_dir)
+    entry = finetune_model(
+        FinetuneOptions(
+            parent="test-unet3d",
+            labelled=dark_balls / "labelled",
+            iterations=3,
+            batch_size=1,
+            lr=1.0,
+            device="cpu",
+            held_out=2,
+            keep_parent_weights=False,  # no checkpoint selection: the wrecked network is what is saved
+        )
+    )
+    verdict = FinetuneVerdict.from_dict(entry.card.training["finetune"]["verdict"])
+    assert verdict is not None and verdict.held_back == 2 and not verdict.kept_parent
+    assert verdict.dice_after < verdict.dice_before - 0.1, verdict
+    assert verdict.outcome == "not better" and not verdict.selected and not verdict.better
+    assert verdict.sentence("test-unet3d").startswith("Worse than test-unet3d on the 2 held-back cases: Dice ")
+    assert ModelRegistry().get("test-unet3d-ft-1").card.training["finetune"]["verdict"]["selected"] is False
+
+
+def test_the_cli_keeps_the_parents_weights_when_nothing_beats_it_and_warns_that_the_model_is_not_selected(
+    home, unet3d_dir, dark_balls, capsys
+):
+    ModelRegistry().import_model(unet3d_dir)
+    args = ["finetune", "-m", "test-unet3d", "--labelled", str(dark_balls / "labelled"), "--iterations", "3"]
+    args += ["--batch-size", "1", "--lr", "1", "--held-out", "2", "--device", "cpu", "-q"]
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert "Not better than test-unet3d: no finetuned version beat it on the 2 held-back cases" in out, out
+    assert "WARNING: test-unet3d-ft-1 is NOT selected; keep using test-unet3d." in out
+    verdict = load_card(home / "models" / "test-unet3d-ft-1" / "card.json").training["finetune"]["verdict"]
+    assert verdict["kept_parent"] and verdict["dice_after"] == verdict["dice_before"] and not verdict["selected"]
+    parent, new = _state(unet3d_dir), _state(home / "models" / "test-unet3d-ft-1")
+    assert parent.keys() == new.keys() and all(torch.equal(parent[k], new[k]) for k in parent)
+    assert main(["models"]) == 0
+    assert "test-unet3d (not better, not selected)" in capsys.readouterr().out
+
+    assert main(args + ["--keep-if-worse"]) == 0  # the user may still keep it as the one to use
+    out, _ = capsys.readouterr()
+    assert "Kept as selected anyway, as asked (--keep-if-worse); use it with -m test-unet3d-ft-2." in out
+    verdict = load_card(home / "models" / "test-unet3d-ft-2" / "card.json").training["finetune"]["verdict"]
+    assert verdict["outcome"] == "not better" and verdict["selected"]
+
+
+def test_with_fewer_than_three_labelled_cases_the_gain_is_said_to_be_unchecked(home, unet3d_dir, dark_balls, capsys):
+    ModelRegistry().import_model(unet3d_dir)
+    listing = dark_balls / "two.txt"
+    images = sorted((dark_balls / "labelled" / "images").glob("*.nii.gz"))[:2]
+    listing.write_text("".join(f"{p},{dark_balls / 'labelled' / 'labels' / p.name}\n" for p in images), "utf-8")
+    args = ["finetune", "-m", "test-unet3d", "--labelled", str(listing), "--iterations", "2", "--batch-size", "1"]
+    assert main(args + ["--device", "cpu", "-q"]) == 0
+    out, _ = capsys.readouterr()
+    assert "The gain could not be checked: with fewer than three labelled cases none was held back" in out, out
+    assert "WARNING: test-unet3d-ft-1 is NOT selected" in out

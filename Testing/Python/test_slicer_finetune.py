@@ -163,8 +163,12 @@ def test_start_sends_label_maps_in_the_parents_values_and_the_run_fills_the_curv
     _wait(panel, lambda: not panel.logic.busy)
     status = _text(ui.statusLabel)
     assert status.startswith("Finetuned Test ball finder (3D U-Net) into test-unet3d-ft-1 in "), status
-    assert "Dice 0.410 \u2192 0.860 (held-out: 1 of the 2 labelled cases)" in status
-    assert ui.modelSelector.currentData() == "test-unet3d-ft-1"  # Segment uses the new model at once
+    assert status.endswith(
+        "Better than Test ball finder (3D U-Net) on the 1 held-back case: Dice 0.410 \u2192 0.860 (+0.450). "
+        "Segment uses the new model now."
+    ), status
+    assert ui.modelSelector.currentData() == "test-unet3d-ft-1"  # better on the held-back case: Segment uses it
+    assert _text(ui.finetuneLossLabel).startswith("<b>Better than Test ball finder (3D U-Net)")
     assert "Finetuned from test-unet3d: Dice 0.410 before, 0.860 after" in _text(ui.modelInfoLabel)
     assert ui.finetuneModelSelector.findData("test-unet3d-ft-1") >= 0
     assert ui.finetuneModelSelector.currentData() == "test-unet3d"  # the parent stays chosen
@@ -173,6 +177,35 @@ def test_start_sends_label_maps_in_the_parents_values_and_the_run_fills_the_curv
     assert curve.rows("loss")[-1] == (10.0, 0.3) and curve.rows("validation")[-1][:2] == (10.0, 0.86)
     assert np.isnan(curve.rows("validation")[-1][2])  # no HD95: the worker sends null
     assert slicer.mrmlScene.GetNodeByID(chart.GetID()) is chart
+
+
+def test_a_model_worse_than_its_parent_is_reported_as_such_and_segment_keeps_the_parent(home, tmp_path):
+    install_card(home, PARENT_CARD)
+    factory = FakeWorkerFactory(hold=True, finetune_dice=(0.83, 0.80))
+    widget = slicer_harness.open_module_widget(WorkerClient(process_factory=factory, temp_root=str(tmp_path)))
+    try:
+        ui = widget.ui
+        ui.finetuneCollapsibleButton.setCollapsed(False)
+        cases, _ = _cases()
+        _choose(widget, cases)
+        ui.finetuneStartButton.click()
+        _wait(widget, lambda: factory.last.held)
+        factory.last.finish()
+        _wait(widget, lambda: not widget.logic.busy)
+        words = (
+            "Worse than Test ball finder (3D U-Net) on the 1 held-back case: Dice 0.830 \u2192 0.800. "
+            "Segment keeps Test ball finder (3D U-Net); choose test-unet3d-ft-1 in the model list to use it anyway."
+        )
+        assert _text(ui.statusLabel).endswith(words), _text(ui.statusLabel)
+        assert _text(ui.finetuneLossLabel).startswith(f"<b>{words}</b>")
+        assert ui.modelSelector.currentData() == "test-unet3d"  # not selected
+        assert ui.modelSelector.findData("test-unet3d-ft-1") >= 0  # but listed: the user may still choose it
+    finally:
+        widget.logic.shutdown()
+        slicer_harness.unload_modules()
+        import slicer
+
+        slicer.mrmlScene.Clear(0)
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_continues_that_run(panel, home):

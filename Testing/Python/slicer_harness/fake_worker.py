@@ -7,7 +7,8 @@ Its "refine" jobs grow every label of the mask by one voxel within each axial sl
 (only in the slice ``slice`` or inside ``roi`` when the scope says so) and leave the
 ``keep`` voxels as they were; with ``ensemble`` > 1 they write a zero uncertainty.
 Its "finetune" jobs report iteration 1 of ``iterations`` with a loss record; finishing
-one registers ``<parent id>-ft-<n>`` (a card only, Dice 0.41 before and 0.86 after) in
+one registers ``<parent id>-ft-<n>`` (a card only, Dice 0.41 before and 0.86 after on one
+held-back case, or ``finetune_dice``, with the library's verdict) in
 ``$MEDSEGSUITE_HOME/models`` (on ``resume``, the run whose ``.training`` folder is
 there), and cancelling a held one leaves ``<parent id>-ft-<n>.training/checkpoint.pt``
 and its ``log.json`` there, like the real job. With ``measure`` it reports made-up
@@ -88,7 +89,9 @@ class FakeWorkerProcess:
         threshold: float = 150.0,
         error: Optional[tuple[str, str]] = None,
         pid: int = 4242,
+        finetune_dice: tuple[float, float] = (0.41, 0.86),
     ) -> None:
+        self.finetune_dice = finetune_dice
         self.stdin = _Writer(self._on_line)
         self.stdout = _Lines()
         self.stderr = _Lines()
@@ -308,17 +311,28 @@ class FakeWorkerProcess:
             {"type": "progress", "job": job, "done": total, "total": total, "stage": "training", "unit": "iterations"}
         )
         self.emit({"type": "log", "job": job, "record": {"iteration": total, "loss": 0.3}})
-        self.emit({"type": "log", "job": job, "record": {"iteration": total, "val_dice": 0.86, "val_hd95": None}})
+        from MedSegSuiteLib.training.verdict import FinetuneVerdict
+
+        before, after = self.finetune_dice
+        verdict = FinetuneVerdict.judge(before, after, held_back=1).to_dict()
+        self.emit({"type": "log", "job": job, "record": {"iteration": total, "val_dice": after, "val_hd95": None}})
         split = f"held-out: 1 of the {len(params['labelled'])} labelled cases"
         card.update(
             id=model_id,
             parent=card["id"],
             name=card["name"] + " (finetuned)",
             metrics=[
-                {"name": "dice_before_finetuning", "value": 0.41, "split": split},
-                {"name": "dice", "value": 0.86, "split": "validation"},
+                {"name": "dice_before_finetuning", "value": before, "split": split},
+                {"name": "dice", "value": after, "split": "validation"},
             ],
-            training={"finetune": {"parent": card["id"], "split": split, "labelled": len(params["labelled"])}},
+            training={
+                "finetune": {
+                    "parent": card["id"],
+                    "split": split,
+                    "labelled": len(params["labelled"]),
+                    "verdict": verdict,
+                }
+            },
         )
         folder = self._models_dir() / model_id
         folder.mkdir(parents=True)
@@ -332,9 +346,11 @@ class FakeWorkerProcess:
             "device": "cpu",
             "iterations": total,
             "resumed": resume,
-            "dice_before": 0.41,
-            "dice_after": 0.86,
+            "dice_before": before,
+            "dice_after": after,
             "split": split,
+            "verdict": verdict,
+            "selected": verdict["selected"],
         }
         self.emit({"type": "result", "job": job, "outputs": {"model": str(folder)}, "info": info})
 
