@@ -31,6 +31,7 @@ class ProgressBar:
         self.enabled = enabled and sys.stderr.isatty()
         self.bar = None
         self.stage: Optional[str] = None
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, done: int, total: int, stage: str) -> None:
         if not self.enabled or total <= 1:
@@ -42,7 +43,16 @@ class ProgressBar:
             self.stage = stage
             self.bar = tqdm(total=total, desc=stage, file=sys.stderr, leave=False, dynamic_ncols=True)
         self.bar.n = done
+        if self.postfix:
+            self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.refresh()
+
+    def note(self, entry: dict[str, Any]) -> None:
+        """Show a training record's loss or latest validation Dice beside the bar."""
+        if "loss" in entry:
+            self.postfix["loss"] = f"{entry['loss']:.4f}"
+        if entry.get("val_dice") is not None:
+            self.postfix["val Dice"] = f"{entry['val_dice']:.4f}"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -105,6 +115,29 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # -- segment ---------------------------------------------------------------------------------
+MAX_BATCH_SIZE = 4096
+MAX_ENSEMBLE = 64
+MAX_STEPS = 10000
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse, before any work, counts and fractions no run can use (absurd batch sizes, ensembles...)."""
+    from .errors import InputError
+
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and not 1 <= batch <= MAX_BATCH_SIZE:
+        raise InputError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch}")
+    overlap = getattr(args, "overlap", None)
+    if overlap is not None and not 0 <= overlap < 1:
+        raise InputError(f"--overlap must be at least 0 and below 1, got {overlap}")
+    ensemble = getattr(args, "ensemble", None)
+    if ensemble is not None and not 1 <= ensemble <= MAX_ENSEMBLE:
+        raise InputError(f"--ensemble must be between 1 and {MAX_ENSEMBLE}, got {ensemble}")
+    steps = getattr(args, "steps", None)
+    if steps is not None and not 0 <= steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 0 and {MAX_STEPS}, got {steps}")
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -112,15 +145,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .geometry import Box
     from .inference import Predictor
     from .io import read_image, write_image
-    from .io.atomic import compound_suffix
+    from .io.atomic import atomic_outputs, check_targets, compound_suffix
     from .models import ModelRegistry, load_model
 
     output = Path(args.output)
-    for path in [output] + ([Path(args.scores)] if args.scores else []):
+    targets = [output] + ([Path(args.scores)] if args.scores else [])
+    for path in targets:
         if path.exists() and not args.overwrite:
             raise InputError(f"{path} already exists; pass --overwrite to replace it")
         if compound_suffix(path) not in (".nrrd", ".nii", ".nii.gz", ".mha", ".png", ".tif", ".tiff"):
-            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii or .mha")
+            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii, .mha, or .png for 2D images")
+    _check_counts(args)
+    check_targets(targets, overwrite=args.overwrite)
     roi = Box.parse(args.roi) if args.roi else None
     volume = read_image(args.input, series_uid=args.series_uid)
     model = load_model(args.model, ModelRegistry())
@@ -131,12 +167,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         result = predictor.predict(volume, roi=roi, scores=bool(args.scores), progress=bar)
     finally:
         bar.close()
-    write_image(result.labels, output, overwrite=args.overwrite)
-    if args.scores and result.scores is not None:
-        write_image(result.scores, args.scores, overwrite=args.overwrite)
+    with atomic_outputs(targets, overwrite=args.overwrite) as temps:
+        write_image(result.labels, temps[0], overwrite=True)
+        if args.scores:
+            if result.scores is None:
+                raise InputError(f"{model.card.id} gives no per-class scores; leave out --scores")
+            write_image(result.scores, temps[1], overwrite=True)
     counts = {label.name: int((result.labels.array == label.value).sum()) for label in model.card.labels}
     if not args.quiet:
-        print(f"wrote {output} ({', '.join(f'{name}: {n} voxels' for name, n in counts.items())})")
+        unit = "pixels" if volume.is_2d else "voxels"
+        print(f"wrote {output} ({', '.join(f'{name}: {n} {unit}' for name, n in counts.items())})")
     return 0
 
 
@@ -147,15 +187,20 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .geometry import Box
     from .io import read_image, write_image
-    from .io.atomic import compound_suffix
+    from .io.atomic import atomic_outputs, check_targets, compound_suffix
     from .models import ModelRegistry, load_model
     from .refine.refinement import Refiner
 
-    for path in [Path(args.output)] + ([Path(args.uncertainty)] if args.uncertainty else []):
+    targets = [Path(args.output)] + ([Path(args.uncertainty)] if args.uncertainty else [])
+    for path in targets:
         if path.exists() and not args.overwrite:
             raise InputError(f"{path} already exists; pass --overwrite to replace it")
         if compound_suffix(path) not in (".nrrd", ".nii", ".nii.gz", ".mha", ".png"):
-            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii or .mha")
+            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii, .mha, or .png for 2D images")
+    if args.uncertainty and args.ensemble < 2:
+        raise InputError("--uncertainty needs --ensemble 2 or more (the spread of several chains)")
+    _check_counts(args)
+    check_targets(targets, overwrite=args.overwrite)
     volume = read_image(args.input)
     mask = read_image(args.mask)
     keep = read_image(args.keep) if args.keep else None
@@ -176,14 +221,16 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    write_image(result.labels, args.output, overwrite=args.overwrite)
-    if args.uncertainty:
-        if result.uncertainty is None:
-            raise InputError("--uncertainty needs --ensemble 2 or more")
-        write_image(result.uncertainty, args.uncertainty, overwrite=args.overwrite)
+    with atomic_outputs(targets, overwrite=args.overwrite) as temps:
+        write_image(result.labels, temps[0], overwrite=True)
+        if args.uncertainty:
+            if result.uncertainty is None:
+                raise InputError("--uncertainty needs --ensemble 2 or more")
+            write_image(result.uncertainty, temps[1], overwrite=True)
     changed = int((result.labels.array != mask.array).sum())
     if not args.quiet:
-        print(f"wrote {args.output}: {changed} voxel(s) changed on {len(result.slices)} slice(s)")
+        unit = "pixel(s)" if volume.is_2d else "voxel(s)"
+        print(f"wrote {args.output}: {changed} {unit} changed on {len(result.slices)} slice(s)")
     return 0
 
 
@@ -282,7 +329,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     bar = ProgressBar(enabled=not args.quiet)
     try:
-        entry = train_model(options, progress=bar, resume=args.resume, overwrite=args.overwrite)
+        entry = train_model(options, progress=bar, resume=args.resume, overwrite=args.overwrite, on_log=bar.note)
     finally:
         bar.close()
     dice = next((m["value"] for m in entry.card.metrics if m["name"] == "dice"), None)
@@ -352,10 +399,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folders, evaluate_model
     from .inference import Predictor
     from .io import write_image
-    from .io.atomic import atomic_output
+    from .io.atomic import atomic_output, check_targets
     from .models import ModelRegistry, load_model
     from .training.datasets import discover_cases, load_case
 
+    overwrite = getattr(args, "overwrite", False)
+    if args.json:
+        if Path(args.json).exists() and not overwrite:
+            raise InputError(f"{args.json} already exists; pass --overwrite to replace it")
+        check_targets([Path(args.json)], overwrite=overwrite)
     if args.model:
         if args.data is None or args.folders:
             raise InputError("with --model give the labelled cases as --data DIR (and no PRED_DIR GT_DIR)")
@@ -368,14 +420,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             if not cases:
                 raise InputError(f"none of the ids in {args.ids} is a case in {args.data}")
         h5_spacing = _numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0)
-        loaded = [(c.id, *load_case(c, h5_spacing)) for c in cases]
         save = Path(args.save_predictions) if args.save_predictions else None
         if save is not None:
-            save.mkdir(parents=True, exist_ok=True)
+            if save.exists() and not save.is_dir():
+                raise InputError(f"--save-predictions {save} is a file; name a folder")
+            taken = [c.id for c in cases if (save / f"{c.id}.nii.gz").exists()]
+            if taken and not overwrite:
+                raise InputError(
+                    f"{save} already holds predictions of {len(taken)} case(s) (e.g. {taken[0]}.nii.gz); "
+                    "pass --overwrite to replace them or choose another folder"
+                )
+        loaded = [(c.id, *load_case(c, h5_spacing)) for c in cases]
+        if save is not None:
+            try:
+                save.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise InputError(f"cannot create {save}: {error.strerror or error}; choose another folder") from None
 
         def keep(case_id: str, labels) -> None:  # noqa: ANN001
             if save is not None:
-                write_image(labels, save / f"{case_id}.nii.gz", overwrite=True)
+                write_image(labels, save / f"{case_id}.nii.gz", overwrite=overwrite)
 
         bar = ProgressBar(enabled=not args.quiet)
         try:
@@ -389,13 +453,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_folders(args.folders[0], args.folders[1], values)
     if not args.quiet:
         print(result.table())
+    if result.missing:
+        shown = ", ".join(result.missing[:5]) + (", ..." if len(result.missing) > 5 else "")
+        print(
+            f"warning: {len(result.missing)} reference case(s) have no prediction and are not in the mean: {shown}",
+            file=sys.stderr,
+        )
+    if result.unmatched:
+        shown = ", ".join(result.unmatched[:5]) + (", ..." if len(result.unmatched) > 5 else "")
+        print(f"warning: {len(result.unmatched)} prediction(s) have no reference: {shown}", file=sys.stderr)
     if args.json:
-        with atomic_output(args.json, overwrite=True) as tmp:
+        with atomic_output(args.json, overwrite=overwrite) as tmp:
             Path(tmp).write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
     mean = result.mean()
+    dice = "n/a (no label present in any case)" if mean["dice"] is None else f"{mean['dice']:.4f}"
     print(
-        f"mean Dice {mean['dice']:.4f} over {mean['cases']} case(s)"
+        f"mean Dice {dice} over {mean['cases']} case(s)"
         + (f", HD95 {mean['hd95']:.2f} mm" if mean["hd95"] is not None else "")
+        + (f"; {mean['missing']} reference case(s) without prediction" if mean["missing"] else "")
     )
     return 0
 
@@ -434,20 +509,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+DEVICE_HELP = "where to run: auto (a GPU if there is one), cpu, cuda, cuda:N or mps"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows an option's default wherever it has one worth showing and the text names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A sub-command's parser: defaults in its help, and ``-v``/``--debug`` accepted after the sub-command too
+    (left unset there unless given, so the value given before the sub-command stands)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens")
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``medsegsuite`` (sub-commands register their handler as ``func``)."""
     parser = argparse.ArgumentParser(
-        prog="medsegsuite", description="Medical image segmentation with five published networks."
+        prog="medsegsuite",
+        description="Medical image segmentation with five published networks. "
+        "-v and --debug work before or after the command.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"medsegsuite {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    models = commands.add_parser("models", help="list, show, import or remove models")
+    models = commands.add_parser(
+        "models", help="list, show, import or remove models", description="Without an action: list the models."
+    )
     models.add_argument("--json", action="store_true", help="print the full model cards as JSON")
     models.set_defaults(func=_cmd_models)
     actions = models.add_subparsers(dest="models_action", metavar="ACTION")
+    listing = actions.add_parser("list", help="list bundled and user models (what plain `models` does)")
+    listing.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the full model cards as JSON"
+    )
     imp = actions.add_parser("import", help="import a weights file, model folder or .zip into the user models")
     imp.add_argument("source", help=".safetensors, .pth/.pt/.ckpt, a model folder, or a .zip of one")
     imp.add_argument("--card", help="model card JSON (needed for .pth files without one)")
@@ -460,10 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("path", help="print the bundled and user model folders")
 
     seg = commands.add_parser("segment", help="segment an image with a model")
-    seg.add_argument("input", help="NIfTI, NRRD, MHA, a DICOM series folder, or a PNG/JPEG/TIFF image")
+    seg.add_argument(
+        "input",
+        help="NIfTI (.nii, .nii.gz), NRRD, MetaImage (.mha, .mhd), a DICOM series folder or file, "
+        "or a 2D PNG, JPEG, TIFF, BMP or GIF image",
+    )
     seg.add_argument("-m", "--model", required=True, help="model id (see `medsegsuite models`) or model folder")
-    seg.add_argument("-o", "--output", required=True, help="label volume to write (.nrrd, .nii.gz, .nii, .mha)")
-    seg.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    seg.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="label map to write: .nrrd, .nii.gz, .nii, .mha, or .png/.tif for 2D images (a .png holds the label "
+        "values 0, 1, 2..., so it looks black in a photo viewer)",
+    )
+    seg.add_argument("--device", default="auto", help=DEVICE_HELP)
     seg.add_argument("--roi", help="segment only inside x0,y0,z0,x1,y1,z1 (voxel indices, end exclusive)")
     seg.add_argument("--scores", help="also write per-class probabilities to this file")
     seg.add_argument("--batch-size", type=int, help="slices or windows per network call")
@@ -475,23 +595,30 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(func=_cmd_segment)
 
     ref = commands.add_parser("refine", help="HiDiff refinement steps starting from a (corrected) mask")
-    ref.add_argument("input", help="the image the mask belongs to")
+    ref.add_argument("input", help="the image the mask belongs to (any format `segment` reads)")
     ref.add_argument("--mask", required=True, help="label map to refine (same grid as the image)")
     ref.add_argument("-m", "--model", required=True, help="a HiDiff model (id or folder)")
     ref.add_argument(
         "--steps", type=int, required=True, help="diffusion steps (0 returns the mask; more moves further)"
     )
     ref.add_argument("--keep", help="voxels (non-zero) that must not change, e.g. your own edits")
-    ref.add_argument("--scope", default="volume", choices=("volume", "slice", "roi"))
+    ref.add_argument(
+        "--scope",
+        default="volume",
+        choices=("volume", "slice", "roi"),
+        help="refine the whole volume, one slice or a box",
+    )
     ref.add_argument("--slice", type=int, help="axial slice index for --scope slice (0 = most inferior)")
     ref.add_argument("--roi", help="x0,y0,z0,x1,y1,z1 voxel box for --scope roi")
     ref.add_argument("--seed", type=int, default=0, help="same seed, same result")
     ref.add_argument("--ensemble", type=int, default=1, help="average this many chains (2+ gives an uncertainty map)")
     ref.add_argument("--uncertainty", help="write the per-voxel uncertainty (needs --ensemble 2+)")
-    ref.add_argument("-o", "--output", required=True, help="refined label map to write")
-    ref.add_argument("--device", default="auto")
-    ref.add_argument("--overwrite", action="store_true")
-    ref.add_argument("-q", "--quiet", action="store_true")
+    ref.add_argument(
+        "-o", "--output", required=True, help="refined label map to write (.nrrd, .nii.gz, .nii, .mha, .png)"
+    )
+    ref.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ref.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ref.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     ref.set_defaults(func=_cmd_refine)
 
     train = commands.add_parser("train", help="train a model on a folder of labelled images")
@@ -501,11 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--id", help="model id (default: the output folder's name)")
     train.add_argument("--name", help="display name")
     train.add_argument("--description", help="one paragraph for the model card")
-    train.add_argument("--preset", default="lite", help="network preset (default lite)")
+    train.add_argument(
+        "--preset",
+        default="lite",
+        choices=("lite", "paper"),
+        help="network size: lite (small, for CPUs and quick runs) or paper (as published)",
+    )
     train.add_argument("--dims", type=int, choices=(2, 3), help="2: slice-wise, 3: volumetric (default: from data)")
     train.add_argument("--labels", help="label names, e.g. 1:Anterior,2:Posterior, or a JSON list of card labels")
     train.add_argument("--iterations", type=int, help="training iterations (default: the recipe's)")
-    train.add_argument("--batch-size", type=int)
+    train.add_argument("--batch-size", type=int, help="images or patches per iteration (default: the recipe's)")
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--size", help="2D input size x,y (default: the recipe's)")
     train.add_argument("--patch", help="3D patch size x,y,z (default: the recipe's)")
@@ -514,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     train.add_argument("--val-ids", help="file listing the validation case ids (instead of --val-fraction)")
     train.add_argument("--validate-every", type=int, default=0, help="iterations between validations")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="auto")
+    train.add_argument("--seed", type=int, default=0, help="same seed, same split and same run")
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.add_argument("--data-licence", default="unspecified", help="the training data's licence, for the card")
     train.add_argument("--config", nargs="*", default=[], help="network constructor overrides key=value")
     train.add_argument(
@@ -524,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", nargs="*", default=[], help="recipe options key=value (e.g. stage1_fraction=0.2)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    train.add_argument("-q", "--quiet", action="store_true")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
     ft = commands.add_parser("finetune", help="semi-supervised finetuning of a model on your labelled cases")
@@ -533,29 +665,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--labelled", required=True, help="images/ + labels/ folder, .h5 folder, or list file (image,label)"
     )
     ft.add_argument("--unlabelled", help="folder of images or list file (image per line)")
-    ft.add_argument("--iterations", type=int, default=200)
-    ft.add_argument("--batch-size", type=int)
+    ft.add_argument("--iterations", type=int, default=200, help="training iterations")
+    ft.add_argument("--batch-size", type=int, help="images or patches per iteration (default: the parent's recipe's)")
     ft.add_argument("--lr", type=float, help="learning rate (default: a tenth of the recipe's, same optimiser)")
     ft.add_argument("--held-out", type=int, help="labelled cases kept for before/after Dice (default 20%%, >= 1)")
     ft.add_argument("--resample", action="store_true", help="resample labels on another grid of the same region")
     ft.add_argument("-o", "--output", help="model folder (default: the user model folder); registered either way")
     ft.add_argument("--id", help="new model id (default <parent>-ft-<n>)")
     ft.add_argument("--resume", action="store_true", help="continue the newest unfinished finetuning of this parent")
-    ft.add_argument("--device", default="auto")
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ft.add_argument("--seed", type=int, default=0, help="same seed, same split and same run")
     ft.add_argument(
         "--keep-if-worse",
         action="store_true",
         help="select the new model even when it is not better than its parent on the held-back cases",
     )
-    ft.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
-    ft.add_argument("-q", "--quiet", action="store_true")
+    ft.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data (default 1,1,1)")
+    ft.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
 
     demo = commands.add_parser("demo", help="segment the bundled sample, write an overlay PNG and report Dice")
     demo.add_argument("-o", "--output", default="medsegsuite-demo", help="folder for the results")
-    demo.add_argument("-m", "--model", default="hippocampus-dnet-lite", help="model to run (a bundled 3D model)")
-    demo.add_argument("--device", default="auto")
+    demo.add_argument(
+        "-m", "--model", default="hippocampus-dnet-lite", help="a 3D model for the sample (an MRI volume)"
+    )
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.set_defaults(func=_cmd_demo)
 
     ev = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions, or of a model on labelled cases")
@@ -566,9 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--labels", help="label values to score, e.g. 1,2 (default: those in the references)")
     ev.add_argument("--json", help="also write the per-case and mean metrics as JSON here")
     ev.add_argument("--save-predictions", help="with --model: write each case's labels into this folder")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--fast", action="store_true", help="the model's quicker 3D settings")
-    ev.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data")
+    ev.add_argument("--h5-spacing", help="voxel spacing x,y,z mm of HDF5 data (default 1,1,1)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file or saved predictions")
     ev.add_argument("-q", "--quiet", action="store_true", help="only the mean line")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -1,8 +1,12 @@
 """Evaluating segmentations: predicted label maps against reference ones, or a model on labelled cases.
 
 Metrics are computed per case and per label at each case's own resolution and
-spacing (see :mod:`MedSegSuiteLib.training.metrics` for the conventions on empty
-masks), then averaged over cases and labels.
+spacing (see :mod:`MedSegSuiteLib.training.metrics`), then averaged over cases and
+labels. A label absent from both the prediction and the reference of a case says
+nothing about the model: it is recorded as ``absent`` with no Dice, IoU or HD95 and
+left out of the means (it does not count as a perfect Dice). Reference cases
+without a prediction are listed in :attr:`Evaluation.missing`. Mask images saved
+as 0/255 are read as 0/1.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ __all__ = ["Evaluation", "evaluate_cases", "evaluate_folders", "evaluate_model"]
 class Evaluation:
     """Per-case and mean metrics. ``cases`` maps case id -> label value -> {dice, iou, hd95}."""
 
-    cases: dict[str, dict[int, dict[str, Optional[float]]]] = field(default_factory=dict)
+    cases: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     label_names: dict[int, str] = field(default_factory=dict)
+    #: reference case ids that had no prediction (not in the means)
+    missing: list[str] = field(default_factory=list)
+    #: prediction ids that had no reference (not in the means)
+    unmatched: list[str] = field(default_factory=list)
 
     @property
     def values(self) -> list[int]:
@@ -40,6 +48,7 @@ class Evaluation:
         result: dict[str, Any] = dict(summarize(list(self.cases.values())))
         result["per_label"] = {v: summarize([{v: c[v]} for c in self.cases.values() if v in c]) for v in self.values}
         result["cases"] = len(self.cases)
+        result["missing"] = len(self.missing)
         return result
 
     def to_json(self) -> dict[str, Any]:
@@ -50,6 +59,8 @@ class Evaluation:
                 str(v): {"name": self.label_names.get(v, f"Label {v}"), **m} for v, m in mean["per_label"].items()
             },
             "cases": {cid: {str(v): m for v, m in labels.items()} for cid, labels in self.cases.items()},
+            "missing_predictions": list(self.missing),
+            "predictions_without_reference": list(self.unmatched),
         }
 
     def table(self) -> str:
@@ -60,7 +71,10 @@ class Evaluation:
             cells = []
             for v in self.values:
                 metrics = labels.get(v, {})
-                cells += [_fmt(metrics.get("dice")), _fmt(metrics.get("hd95"), inf="inf")]
+                if metrics.get("absent"):
+                    cells += ["absent", "-"]
+                else:
+                    cells += [_fmt(metrics.get("dice")), _fmt(metrics.get("hd95"), inf="inf")]
             rows.append([cid, *cells])
         mean = self.mean()["per_label"]
         rows.append(["MEAN", *[c for v in self.values for c in (_fmt(mean[v]["dice"]), _fmt(mean[v]["hd95"]))]])
@@ -83,8 +97,31 @@ def evaluate_cases(pairs: Sequence[tuple[str, Volume, Volume]], values: Sequence
                 f"case {case_id}: the prediction's grid ({prediction.grid.describe()}) differs from the reference's "
                 f"({truth.grid.describe()})"
             )
-        result.cases[case_id] = case_metrics(prediction.array, truth.array, values, truth.spacing)
+        metrics = case_metrics(prediction.array, truth.array, values, truth.spacing)
+        for value in values:
+            if not np.any(prediction.array == value) and not np.any(truth.array == value):
+                metrics[int(value)] = {"dice": None, "iou": None, "hd95": None, "absent": True}
+        result.cases[case_id] = metrics
     return result
+
+
+def _binary_mask_as_one(volume: Volume) -> Volume:
+    """A label map holding only 0 and 255 (a mask saved as an 8-bit image) as 0/1."""
+    values = np.unique(volume.array)
+    if values.size and values.max() == 255 and set(values.tolist()) <= {0, 255}:
+        return volume.with_array((volume.array == 255).astype(np.uint8))
+    return volume
+
+
+def _refuse_file(path: Path, role: str) -> None:
+    from .io import IMAGE_SUFFIXES
+    from .io.atomic import compound_suffix
+
+    if path.is_file() and compound_suffix(path) in IMAGE_SUFFIXES + (".seg.nrrd", ".h5"):
+        raise InputError(
+            f"{path} is a file: evaluate compares two folders, PRED_DIR GT_DIR, matching files by name; put the "
+            f"{role} in a folder of its own (or give a list file)"
+        )
 
 
 def evaluate_folders(
@@ -96,6 +133,8 @@ def evaluate_folders(
     labels are used) or a folder of label maps. Label values default to those present
     in the references.
     """
+    _refuse_file(Path(predictions), "prediction")
+    _refuse_file(Path(references), "reference")
     predicted = {c.id: c for c in discover_cases(predictions, require_labels=False)}
     reference_root = Path(references)
     try:
@@ -110,10 +149,13 @@ def evaluate_folders(
     for case_id in shared:
         _, prediction = load_case(Case(case_id, predicted[case_id].image, predicted[case_id].image))
         _, truth = load_case(Case(case_id, refs[case_id], refs[case_id]))
-        pairs.append((case_id, prediction, truth))
+        pairs.append((case_id, _binary_mask_as_one(prediction), _binary_mask_as_one(truth)))
     if values is None:
         values = sorted({int(v) for _, _, t in pairs for v in np.unique(t.array) if v})
-    return evaluate_cases(pairs, values)
+    result = evaluate_cases(pairs, values)
+    result.missing = sorted(set(refs) - set(predicted))
+    result.unmatched = sorted(set(predicted) - set(refs))
+    return result
 
 
 def evaluate_model(
@@ -135,7 +177,7 @@ def evaluate_model(
         labels = predictor.predict(image, cancel=cancel).labels
         if on_prediction is not None:
             on_prediction(case_id, labels)
-        pairs.append((case_id, labels, truth))
+        pairs.append((case_id, labels, _binary_mask_as_one(truth)))
     report(progress, len(cases), len(cases), "evaluating")
     result = evaluate_cases(pairs, values)
     result.label_names = {label.value: label.name for label in predictor.card.labels}

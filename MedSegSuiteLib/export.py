@@ -33,15 +33,13 @@ values on a reference volume, for finetuning or as the starting mask of refineme
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import InputError
-from .io.atomic import check_folder, compound_suffix, new_partial, remove_stale_partials
+from .io.atomic import atomic_outputs, check_folder, compound_suffix
 from .io.segmentation import OVERLAP_MODES, Segmentation
 from .volume import Grid, Volume
 
@@ -159,46 +157,6 @@ def _check_targets(targets: Sequence[Path], overwrite: bool) -> None:
         check_folder(target)
 
 
-@contextmanager
-def _atomic_files(targets: Sequence[Path], overwrite: bool) -> Iterator[list[Path]]:
-    """Temporary paths for ``targets``; after the block all are renamed into place, or none is.
-
-    If a rename fails, targets already renamed are removed and replaced files are
-    restored; temporary files are always removed on failure.
-    """
-    _check_targets(targets, overwrite)
-    temps: list[Path] = []
-    try:
-        for target in targets:
-            remove_stale_partials(target, compound_suffix(target))
-            temps.append(new_partial(target))
-        yield temps
-        for tmp in temps:
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        backups: list[tuple[Path, Path]] = []
-        done: list[Path] = []
-        try:
-            for tmp, target in zip(temps, targets):
-                if target.exists():
-                    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                    os.replace(target, backup)
-                    backups.append((target, backup))
-                os.replace(tmp, target)
-                done.append(target)
-        except BaseException:
-            for target in done:
-                target.unlink(missing_ok=True)
-            for target, backup in backups:
-                os.replace(backup, target)
-            raise
-        for _, backup in backups:
-            backup.unlink(missing_ok=True)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
 def _write_label_map_pair(
     volume: Volume, labels: Sequence[Label], image_path: Path, table_path: Path, overwrite: bool
 ) -> None:
@@ -208,7 +166,7 @@ def _write_label_map_pair(
     from .io.label_table import label_table_to_json
 
     text = json.dumps(label_table_to_json(labels), indent=2) + "\n"
-    with _atomic_files([image_path, table_path], overwrite) as (tmp_image, tmp_table):
+    with atomic_outputs([image_path, table_path], overwrite) as (tmp_image, tmp_table):
         write_image(volume, tmp_image, overwrite=True)
         tmp_table.write_text(text, encoding="utf-8")
 

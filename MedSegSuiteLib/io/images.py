@@ -7,8 +7,9 @@ geometry conventions; 2D images become one-slice volumes (RGB as three channels)
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
@@ -299,7 +300,54 @@ def write_image(volume: Volume, path: PathLike, overwrite: bool = False, compres
         image = volume_to_sitk(volume)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".png")
+            with _native_stderr_silenced():  # MetaIO prints its own line on a full disk; we raise one
+                sitk.WriteImage(image, str(tmp), useCompression=compress and suffix != ".png")
         except RuntimeError as error:
             raise InputError(f"cannot write {path}: {_itk_reason(error)}") from None
+        _verify_written(tmp, image, path)
     return path
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null while the block runs."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _verify_written(tmp: Path, image, target: Path) -> None:  # noqa: ANN001 - SimpleITK image
+    """Read back what ITK wrote and raise InputError unless it holds ``image``'s voxels.
+
+    ITK's NIfTI and NRRD writers report success when the disk fills up and leave an
+    empty or cut-off file, so every written image is checked before it is committed.
+    """
+    import SimpleITK as sitk
+
+    hint = "the disk may be full: free some space or choose another folder"
+    if tmp.stat().st_size == 0:
+        raise InputError(f"cannot write {target}: nothing was written; {hint}")
+    try:
+        if compound_suffix(tmp) in (".nii", ".nii.gz"):
+            _check_nifti_complete(tmp)
+        back = sitk.ReadImage(str(tmp))
+    except (InputError, RuntimeError):
+        raise InputError(f"cannot write {target}: the written file is incomplete; {hint}") from None
+    written, wanted = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+    if back.GetSize() != image.GetSize() or not np.array_equal(
+        written, wanted, equal_nan=np.issubdtype(wanted.dtype, np.floating)
+    ):
+        raise InputError(f"cannot write {target}: the written file does not read back as written; {hint}")

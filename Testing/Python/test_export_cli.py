@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-import MedSegSuiteLib.export as export_module
 from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.errors import InputError
 from MedSegSuiteLib.export import export
@@ -123,32 +122,37 @@ def test_failed_seg_nrrd_write_leaves_no_file(tmp_path, case, monkeypatch):
 
     monkeypatch.setattr(gzip.GzipFile, "write", broken)
     before = files_in(tmp_path)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         export(labels, tmp_path / "x.seg.nrrd")
     assert files_in(tmp_path) == before
 
 
 def test_label_map_and_table_are_committed_together_or_not_at_all(tmp_path, case, monkeypatch):
     labels, image, array = case
-    real_replace = os.replace
+    real_replace, real_link = os.replace, os.link
     calls = []
 
-    def second_rename_fails(src, dst):
-        calls.append(Path(dst).name)
-        if Path(dst).name == "out.labels.json" and Path(src).name.endswith(".partial.json"):
-            raise OSError("disk full")
-        return real_replace(src, dst)
+    def second_commit_fails(real):
+        def commit(src, dst):
+            calls.append(Path(dst).name)
+            if Path(dst).name == "out.labels.json" and Path(src).name.endswith(".partial.json"):
+                raise OSError("disk full")
+            return real(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", second_rename_fails)
+        return commit
+
+    # without overwrite a file is committed by an exclusive hard link, with it by a rename
+    monkeypatch.setattr(os, "replace", second_commit_fails(real_replace))
+    monkeypatch.setattr(os, "link", second_commit_fails(real_link))
     before = files_in(tmp_path)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         export(labels, tmp_path / "out.nrrd")
     assert "out.nrrd" in calls  # the label map had been renamed into place, then was taken back
     assert files_in(tmp_path) == before
     # With --overwrite, a failed commit restores the files it was replacing.
     (tmp_path / "out.nrrd").write_bytes(b"old map")
     (tmp_path / "out.labels.json").write_text("old table")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         export(labels, tmp_path / "out.nrrd", overwrite=True)
     assert (tmp_path / "out.nrrd").read_bytes() == b"old map"
     assert (tmp_path / "out.labels.json").read_text(encoding="utf-8") == "old table"
@@ -176,6 +180,6 @@ def test_failed_dicom_seg_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hd.seg.Segmentation, "save_as", half_written)
     before = files_in(tmp_path)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="disk full"):
         export(labels_path, tmp_path / "seg.dcm", dicom_series=tmp_path / "series")
     assert files_in(tmp_path) == before
