@@ -54,7 +54,7 @@ def _segmentation(volume, segments):
     """A segmentation node on ``volume`` with ``segments``: name -> (mask, terminology string or None, tags)."""
     import slicer
 
-    from MedSegSuiteLib.slicer.segmentations import create_segmentation_node
+    from MedSegSuiteLib.slicer.segmentations import create_segmentation_node, set_segment_terminology
 
     node = create_segmentation_node(volume, name="Painted")
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
@@ -62,7 +62,7 @@ def _segmentation(volume, segments):
         segment_id = node.GetSegmentation().AddEmptySegment(name, name, [0.5, 0.5, 0.5])
         segment = node.GetSegmentation().GetSegment(segment_id)
         if terminology:
-            segment.SetTerminology(terminology)
+            set_segment_terminology(segment, terminology)
         for key, value in (tags or {}).items():
             segment.SetTag(key, value)
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, volume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import vtk
+from slicer_harness.fixtures import slicer_api  # noqa: F401 - a fixture
 
 from MedSegSuiteLib.errors import InputError
 from MedSegSuiteLib.models.card import Label
@@ -55,12 +56,14 @@ def test_terminology_strings_follow_slicers_seven_field_format():
     assert terminology_string(None) == ""
 
 
+@pytest.mark.usefixtures("slicer_api")
 def test_labels_become_named_coloured_coded_segments_on_the_input_geometry(ball, scene):
     from MedSegSuiteLib.slicer.segmentations import (
         TAG_LABEL_VALUE,
         TAG_MODEL,
         create_segmentation_node,
         geometry_matches,
+        segment_terminology,
         write_labels,
     )
     from MedSegSuiteLib.slicer.testing import segment_array
@@ -79,18 +82,19 @@ def test_labels_become_named_coloured_coded_segments_on_the_input_geometry(ball,
         tag = vtk.reference("")
         assert segment.GetTag(TAG_MODEL, tag) and tag.get() == "liver-dnet 1.2.0"
         assert segment.GetTag(TAG_LABEL_VALUE, tag) and tag.get() == str(label.value)
-    assert "SCT^108369006^Neoplasm" in segmentation.GetSegment("Tumour").GetTerminology()
-    assert segmentation.GetSegment("Vessel").GetTerminology() != segmentation.GetSegment("Liver").GetTerminology()
+    terms = {name: segment_terminology(segmentation.GetSegment(name)) for name in ("Liver", "Tumour", "Vessel")}
+    assert "SCT^108369006^Neoplasm" in terms["Tumour"] and terms["Vessel"] != terms["Liver"]
     assert node.GetAttribute(TAG_MODEL) == "liver-dnet 1.2.0"
     assert geometry_matches(node, volume)
     display = node.GetDisplayNode()
     assert display is not None and display.GetVisibility() and display.GetVisibility2D()
 
 
+@pytest.mark.usefixtures("slicer_api")
 def test_terminology_and_names_survive_a_seg_nrrd_round_trip(ball, scene, tmp_path):
     import slicer
 
-    from MedSegSuiteLib.slicer.segmentations import create_segmentation_node, write_labels
+    from MedSegSuiteLib.slicer.segmentations import create_segmentation_node, segment_terminology, write_labels
 
     volume, labels = ball
     node = create_segmentation_node(volume)
@@ -100,7 +104,7 @@ def test_terminology_and_names_survive_a_seg_nrrd_round_trip(ball, scene, tmp_pa
     assert storage.WriteData(node)
     loaded = slicer.modules.segmentations.logic().LoadSegmentationFromFile(str(tmp_path / "result.seg.nrrd"), False)
     segment = loaded.GetSegmentation().GetSegment(loaded.GetSegmentation().GetSegmentIdBySegmentName("Tumour"))
-    assert "SCT^108369006^Neoplasm" in segment.GetTerminology()
+    assert "SCT^108369006^Neoplasm" in segment_terminology(segment)
 
 
 def test_a_rerun_replaces_the_content_and_touches_no_other_node(ball, scene):

@@ -11,10 +11,14 @@ as small as MedSegSuite needs:
 ``slicer.qMRMLWidget``,             panel root and node selector (:mod:`.mrml_widgets`)
 ``slicer.qMRMLNodeComboBox``
 ``slicer.ScriptedLoadableModule``   Module / Widget / Logic / Test base classes (:mod:`.scripted_module`)
-``slicer.app``, ``slicer.modules``  testing flag, event processing, module manager, module logics
-                                    (:mod:`.application`)
+``slicer.app``, ``slicer.modules``  testing flag, event processing, module manager, module logics,
+                                    ``translate`` (:mod:`.application`)
+``slicer.i18n``                     ``tr`` / ``translate`` for module texts (:mod:`.i18n`)
 PythonQt's ``QObject.name``         alias of ``objectName()`` (``slicer.util.childWidgetVariables`` uses it)
 =================================  ===========================================================
+
+:mod:`.generations` presents either Slicer API generation (5.8, or the current one of
+the wheel); tests choose it with the ``slicer_api`` fixture of their file.
 
 Usage (what the pytest files do)::
 
@@ -93,6 +97,11 @@ def install(testing: bool = True) -> Any:
     )
     slicer.ScriptedLoadableModule = scripted_module
     sys.modules["slicer.ScriptedLoadableModule"] = scripted_module
+    if "slicer.i18n" not in sys.modules:  # Slicer 5.x has it; the slicer-core wheel does not
+        from . import i18n
+
+        slicer.i18n = i18n
+        sys.modules["slicer.i18n"] = i18n
     slicer.qMRMLWidget = mrml_widgets.qMRMLWidget
     slicer.qMRMLNodeComboBox = mrml_widgets.qMRMLNodeComboBox
     slicer.qSlicerScriptedLoadableModuleWidget = application.qSlicerScriptedLoadableModuleWidget

@@ -7,7 +7,7 @@ Slicer registers at start-up (without them, segmentations have no converter rule
 ``slicer.util`` helpers fail). :class:`App` answers what module code asks of
 ``slicer.app``: ``testingEnabled()``, ``processEvents()``, ``applicationName``,
 ``applicationLogic()``, ``moduleManager().module(name)``, ``layoutManager()`` (None: there
-are no views), ``temporaryPath`` and ``topLevelWidgets()``.
+are no views), ``temporaryPath``, ``topLevelWidgets()`` and ``translate(context, text)``.
 """
 
 from __future__ import annotations
@@ -116,6 +116,11 @@ class App:
         self.testing = testing
         self.temporaryPath = tempfile.gettempdir()
         self._slots: dict[str, list] = {}
+        self.translator: Optional[Any] = None  # (context, text) -> text, for tests of translated texts
+
+    def translate(self, context: str, text: str) -> str:
+        """``QCoreApplication.translate`` as ``slicer.i18n`` calls it: the text itself unless a translator is set."""
+        return self.translator(context, text) if self.translator is not None else text
 
     def connect(self, signal: str, slot: Any) -> None:
         """Keep ``slot`` for ``signal``; :meth:`emit` calls the slots of a signal in order."""

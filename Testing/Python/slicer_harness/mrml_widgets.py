@@ -6,8 +6,16 @@ when ``showChildNodeTypes`` is false; hidden nodes only with ``showHidden``), ke
 list current through scene observers, offers a "None" entry (``noneEnabled``, text
 ``noneDisplay``) and emits ``currentNodeChanged(node)``. ``currentNode()``,
 ``setCurrentNode()``, ``currentNodeID()``, ``setCurrentNodeID()``, ``setMRMLScene()``
-and ``mrmlScene()`` behave like the real widget. It does not offer "Create new" or
-"Rename" actions (MedSegSuite does not rely on them).
+and ``mrmlScene()`` behave like the real widget (Slicer's ``qMRMLNodeComboBox.cxx``,
+v5.8.1): ``setCurrentNode(None)`` selects "None" when it is enabled and otherwise
+clears the selection (no current node; adding nodes to a non-empty list does not
+select one); a removed current node gives way to the first entry. The real widget's
+other designer properties (``addEnabled``, ``removeEnabled``, ``editEnabled``,
+``renameEnabled``, ``selectNodeUponCreation``, ``baseName``) are kept but do nothing:
+it offers no "Create new" or "Rename" actions (MedSegSuite does not rely on them).
+Reading or writing a property the real widget does not have raises AttributeError
+(``property()`` / ``setProperty()``), and the harness's ``QUiLoader`` refuses ``.ui``
+properties that no stand-in declares.
 
 :class:`qMRMLWidget` passes ``setMRMLScene`` on to every node selector inside it (the
 real one does it through the ``.ui`` file's signal connections, which PySide6 cannot
@@ -78,6 +86,25 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801 - Slicer's class nam
     showChildNodeTypes = _flag("_show_child_types")
     del _flag
 
+    def _kept(name, kind, default):  # noqa: N805 - builds properties in the class body
+        """A property of the real widget that the stand-in keeps without acting on it."""
+
+        def getter(self):
+            return self.__dict__.get(name, default)
+
+        def setter(self, value):
+            self.__dict__[name] = kind(value)
+
+        return QtCore.Property(kind, getter, setter)
+
+    addEnabled = _kept("_add_enabled", bool, True)
+    removeEnabled = _kept("_remove_enabled", bool, True)
+    editEnabled = _kept("_edit_enabled", bool, False)
+    renameEnabled = _kept("_rename_enabled", bool, False)
+    selectNodeUponCreation = _kept("_select_upon_creation", bool, True)
+    baseName = _kept("_base_name", str, "")
+    del _kept
+
     def _get_none_display(self):
         return self._none_display
 
@@ -141,11 +168,25 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801 - Slicer's class nam
                 found.append(node)
         return found
 
+    # -- strict properties ------------------------------------------------------------------
+    def _check_property(self, name) -> str:
+        name = bytes(name).decode() if isinstance(name, (bytes, bytearray, QtCore.QByteArray)) else str(name)
+        if self.metaObject().indexOfProperty(name) < 0 and not name.startswith("_"):
+            raise AttributeError(f"qMRMLNodeComboBox has no property {name!r} (neither has Slicer's widget)")
+        return name
+
+    def property(self, name):
+        return super().property(self._check_property(name))
+
+    def setProperty(self, name, value):
+        return super().setProperty(self._check_property(name), value)
+
     def _refresh(self) -> None:
         if self._refreshing:
             return
         self._refreshing = True
         previous = self._current_id
+        was_empty = self.count() == 0 or (self._none_enabled and self.count() == 1)
         try:
             self.blockSignals(True)
             self.clear()
@@ -153,9 +194,14 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801 - Slicer's class nam
                 self.addItem(self._none_display or "None", "")
             for node in self.nodes():
                 self.addItem(node.GetName() or node.GetID(), node.GetID())
-            index = self.findData(previous) if previous else (0 if self.count() else -1)
-            if index < 0:
-                index = 0 if self.count() else -1
+            if previous:
+                index = self.findData(previous)
+                if index < 0:  # the current node left the list: like QComboBox, the first entry takes over
+                    index = 0 if self.count() else -1
+            elif self._none_enabled:
+                index = 0
+            else:  # nothing selected: QComboBox selects only the first entry of a list that was empty
+                index = (0 if self.count() else -1) if was_empty else -1
             self.setCurrentIndex(index)
         finally:
             self.blockSignals(False)
@@ -182,11 +228,11 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801 - Slicer's class nam
         return self._current_id
 
     def setCurrentNodeID(self, node_id) -> None:
-        index = self.findData(node_id or "")
-        if index < 0 and not node_id:
-            index = 0 if self._none_enabled else self.currentIndex()
-        if index >= 0:
-            self.setCurrentIndex(index)
+        """Select the node; an empty or unknown ID selects "None" if enabled, else clears the selection."""
+        index = self.findData(node_id) if node_id else -1
+        if index < 0:
+            index = 0 if self._none_enabled else -1
+        self.setCurrentIndex(index)
 
     def setCurrentNode(self, node) -> None:
         self.setCurrentNodeID(node.GetID() if node is not None else "")

@@ -41,6 +41,28 @@ class QUiLoader(_QUiLoader):
 
         widget = super().load(*args, **kwargs)
         if widget is not None:
+            _refuse_unknown_properties(widget)
             for section in widget.findChildren(ctk.ctkCollapsibleButton):
                 section.hide_contents_if_collapsed()
         return widget
+
+
+def _refuse_unknown_properties(root) -> None:
+    """Raise if the ``.ui`` file set a property that a stand-in widget does not declare.
+
+    Qt's loader turns such a property into a dynamic one and goes on; the real widget
+    would ignore it (or Slicer's loader would warn), so a test would pass on a panel
+    that does not work in Slicer.
+    """
+    from . import ctk, mrml_widgets
+
+    stand_ins = (ctk.ctkCollapsibleButton, mrml_widgets.qMRMLWidget, mrml_widgets.qMRMLNodeComboBox)
+    unknown = []
+    for widget in [root, *root.findChildren(QtWidgets.QWidget)]:
+        if isinstance(widget, stand_ins):
+            names = [bytes(name).decode() for name in widget.dynamicPropertyNames()]
+            unknown += [f"{widget.objectName()}.{name}" for name in names if not name.startswith("_")]
+    if unknown:
+        raise AttributeError(
+            "the .ui file sets properties the Slicer widgets do not have (or the harness lacks): " + ", ".join(unknown)
+        )
