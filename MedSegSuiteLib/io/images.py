@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import Volume
 from .atomic import atomic_output, compound_suffix
+from .headers import check_header
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "volume_from_sitk", "volume_to_sitk", "write_image"]
 
@@ -261,6 +262,7 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
             return _read_gif(path)
         except OSError as error:
             raise InputError(f"cannot read {path}: {error}") from None
+    check_header(path, suffix)
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
     _check_size(path)

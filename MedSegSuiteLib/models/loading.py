@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..errors import ModelError
 from .card import ModelCard
-from .registry import ModelEntry, ModelRegistry
+from .registry import ModelEntry, ModelRegistry, weights_inside
 from .weights import load_state_dict_strict, read_weights
 
 __all__ = ["LoadedModel", "build_network", "load_model"]
@@ -51,6 +51,8 @@ def load_model(
     """Load a model by id, model folder or registry entry; verifies the weights' sha256 and keys."""
     entry = spec if isinstance(spec, ModelEntry) else (registry or ModelRegistry()).resolve(spec)
     card = entry.card
+    if entry.weights_path.exists():  # a missing file is named by read_weights
+        weights_inside(entry.directory, card.weights_file)
     network = build_network(card)
     state = read_weights(entry.weights_path, sha256=card.weights.get("sha256"), size=card.weights.get("bytes"))
     load_state_dict_strict(network, state, str(entry.weights_path))

@@ -77,18 +77,68 @@ class ModelEntry:
         }
 
 
+#: Limits of a model archive: what it may unpack to in all, how many members it may hold, and how
+#: much a member larger than ZIP_RATIO_FROM may inflate (weights barely compress; a bomb does).
+ZIP_MAX_BYTES = 8 << 30
+ZIP_MAX_MEMBERS = 1000
+ZIP_MAX_RATIO = 100
+ZIP_RATIO_FROM = 1 << 20
+
+
 def _safe_extract(archive: Path, destination: Path) -> None:
-    """Extract a zip, refusing members that would land outside ``destination`` or are links."""
+    """Extract a zip, refusing members that would land outside ``destination`` or are links, and
+    archives that would unpack to more than ``ZIP_MAX_BYTES``, hold more than ``ZIP_MAX_MEMBERS``
+    members or inflate a member more than ``ZIP_MAX_RATIO`` times (checked before anything is written;
+    the extraction never writes more than the sizes checked)."""
     root = destination.resolve()
     with zipfile.ZipFile(archive) as handle:
-        for member in handle.infolist():
+        members = handle.infolist()
+        if len(members) > ZIP_MAX_MEMBERS:
+            raise ModelError(f"refused {archive.name}: {len(members)} members; a model archive holds a few files")
+        total = 0
+        for member in members:
             name = member.filename
             target = (root / name).resolve()
             if name.startswith(("/", "\\")) or ".." in Path(name).parts or not str(target).startswith(str(root)):
                 raise ModelError(f"refused {archive.name}: member {name!r} would be written outside its folder")
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise ModelError(f"refused {archive.name}: member {name!r} is a symbolic link")
+            ratio = member.file_size / max(member.compress_size, 1)
+            if member.file_size > ZIP_RATIO_FROM and ratio > ZIP_MAX_RATIO:
+                raise ModelError(
+                    f"refused {archive.name}: member {name!r} would inflate {ratio:.0f} times (to "
+                    f"{member.file_size / 2**20:.0f} MB); model weights do not compress like that"
+                )
+            total += member.file_size
+        if total > ZIP_MAX_BYTES:
+            raise ModelError(
+                f"refused {archive.name}: it would unpack to {total / 2**30:.1f} GB, more than the "
+                f"{ZIP_MAX_BYTES / 2**30:.0f} GB a model archive may hold; import the model folder instead"
+            )
+        free = shutil.disk_usage(root).free
+        if total > free:
+            raise ModelError(
+                f"cannot unpack {archive.name}: it needs {total / 2**20:.0f} MB and the temporary folder {root.parent} "
+                f"has {free / 2**20:.0f} MB free; free some space or unpack it yourself and import the folder"
+            )
         handle.extractall(root)
+
+
+def weights_inside(folder: Path, name: str) -> Path:
+    """The weights file ``name`` of the model folder ``folder``; ModelError when the name leads outside
+    the folder (an absolute path, ``..``, a link to elsewhere) or is not a regular file."""
+    path = folder / name
+    inside = folder.resolve()
+    if Path(name).is_absolute() or path.resolve().parent != inside:
+        raise ModelError(
+            f"refused {folder}: its card names weights {name!r} outside the model folder; a card must name a file "
+            "beside it"
+        )
+    if not path.exists():
+        raise ModelError(f"{folder}: the weights file {name!r} its card names does not exist")
+    if not path.is_file():
+        raise ModelError(f"refused {folder}: the weights {name!r} its card names are not a regular file")
+    return path
 
 
 class ModelRegistry:
@@ -202,7 +252,8 @@ class ModelRegistry:
         if source.is_dir():
             card = card if card is not None else source / CARD_FILE
             data = self._card_for(source, card)
-            weights = source / str(data.get("weights", {}).get("file", WEIGHTS_FILE))
+            weights_entry = data.get("weights") if isinstance(data.get("weights"), dict) else {}
+            weights = weights_inside(source, str(weights_entry.get("file", WEIGHTS_FILE)))
         else:
             weights = source
             data = self._card_for(weights, card)
