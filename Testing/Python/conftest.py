@@ -11,12 +11,37 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
+# The real-data tests read a data folder beside the clone (../shared/data), or the one MEDSEGSUITE_DATA names.
+SHARED_DATA = Path(os.environ.get("MEDSEGSUITE_DATA") or SHARED / "data")
 OUTPUT_DIR = REPO / "Testing" / "output"
 KEYS = SHARED / "specs" / "keys"
 
-# MEDSEGSUITE_TEST_THREADS=1 keeps runs sane when other jobs share the CPU.
-torch.set_num_threads(int(os.environ.get("MEDSEGSUITE_TEST_THREADS", min(2, os.cpu_count() or 1))))
+
+def _default_threads() -> int:
+    """Two threads on an idle machine with two or more cores, one where other work already keeps a core busy:
+    on a shared CPU a second thread per test process only adds synchronisation waits."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on Windows
+        busy = 0.0
+    return 2 if cores >= 2 and cores - busy >= 1.5 else 1
+
+
+# Threads per test process and per worker process the tests start; MEDSEGSUITE_TEST_THREADS=N overrides.
+TEST_THREADS = int(os.environ.get("MEDSEGSUITE_TEST_THREADS") or _default_threads())
+torch.set_num_threads(TEST_THREADS)
+
+
+def real_data(folder: str) -> Path:
+    """``folder`` inside the real-data folder; the test is skipped, saying how to provide it, when it is absent."""
+    path = SHARED_DATA / folder
+    if not path.is_dir():
+        pytest.skip(
+            f"real data absent: {path} does not exist (put the data folder beside the clone as ../shared/data, "
+            "or set MEDSEGSUITE_DATA to where it is)"
+        )
+    return path
 
 
 def official_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -24,7 +49,7 @@ def official_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     (dtype "" where the manifest has no dtype column); the test is skipped when it is absent."""
     path = KEYS / name
     if not path.exists():
-        pytest.skip(f"official key manifest {path} is not available (needs ../shared)")
+        pytest.skip(f"official key manifest {path} is absent (it comes with the ../shared folder beside the clone)")
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):

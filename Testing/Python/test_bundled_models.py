@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, dice
+from conftest import SHARED_DATA, dice, real_data
 
 from MedSegSuiteLib.inference import Predictor
 from MedSegSuiteLib.io import read_image
@@ -39,9 +39,7 @@ def test_a_bundled_model_loads_and_its_card_says_where_it_came_from(user_home, m
 
 def _validation_cases(model_id: str, folder: str, count: int) -> list:
     card = load_model(model_id).card
-    root = SHARED_DATA / folder
-    if not root.is_dir():
-        pytest.skip(f"{root} is absent (the training data is not part of the repository)")
+    real_data(folder)
     return card.training["validation_ids"][:count]
 
 

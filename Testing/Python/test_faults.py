@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import dice, sphere_volume
+from conftest import TEST_THREADS, dice, sphere_volume
 
 from MedSegSuiteLib.errors import Cancelled
 from MedSegSuiteLib.io import read_image, write_image
@@ -33,7 +32,7 @@ from MedSegSuiteLib.models import ModelRegistry, load_model
 from MedSegSuiteLib.volume import Volume
 from MedSegSuiteLib.worker import WorkerClient
 
-THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
+THREADS = str(TEST_THREADS)
 SOAK_JOBS = 200
 SOAK_WARMUP = 40
 # Each job moves about 1 MB (a 256 kB image, 512 kB of scores, the labels); leaking that per job

@@ -1,7 +1,7 @@
 """Finetuning the bundled D-Net hippocampus model on real MRI (MSD Task04) does not make it worse.
 
 Slow (about two to three minutes on two CPU cores) and skipped without
-``../shared/data/msd_hippocampus`` or without the bundled model
+``msd_hippocampus`` in the real-data folder (``../shared/data`` or ``$MEDSEGSUITE_DATA``) or without the bundled model
 ``Resources/Models/hippocampus-dnet-lite``. The cases come from the model card's
 validation split, which the model was never trained on:
 
@@ -30,7 +30,9 @@ ITERATIONS = 20
 UNSEEN_NOISE = 0.005
 
 pytestmark = pytest.mark.skipif(
-    not (DATA / "images").is_dir(), reason=f"real data absent: {DATA} (see ../shared/data/README.md)"
+    not (DATA / "images").is_dir(),
+    reason=f"real data absent: {DATA} does not exist (put the data folder beside the clone as ../shared/data, "
+    "or set MEDSEGSUITE_DATA to where it is)",
 )
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import HIDIFF_CARD, install_card
+from conftest import HIDIFF_CARD, TEST_THREADS, install_card
 
 from MedSegSuiteLib.models.weights import sha256_file
 from MedSegSuiteLib.worker.client import WorkerClient, popen_factory
 
-THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
+THREADS = str(TEST_THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,16 @@ process. The U-Net is also the parent of the finetuning steps.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import slicer_harness
+from conftest import TEST_THREADS
 
 
 @pytest.fixture
 def installed_model(home, unet3d_dir, monkeypatch):
     from MedSegSuiteLib.models import ModelRegistry
 
-    monkeypatch.setenv("MEDSEGSUITE_THREADS", os.environ.get("MEDSEGSUITE_TEST_THREADS", "2"))
+    monkeypatch.setenv("MEDSEGSUITE_THREADS", str(TEST_THREADS))
     return ModelRegistry().import_model(unet3d_dir)
 
 

@@ -8,17 +8,17 @@ the way the Slicer panel sends them.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
+from conftest import TEST_THREADS
 
 from MedSegSuiteLib.io import write_image
 from MedSegSuiteLib.volume import Volume
 from MedSegSuiteLib.worker import WorkerClient
 
-THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
+THREADS = str(TEST_THREADS)
 SHAPE = (18, 34, 34)
 
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import UNET3D_CARD, sphere_volume
+from conftest import TEST_THREADS, UNET3D_CARD, sphere_volume
 from scipy.spatial.transform import Rotation
 
 from MedSegSuiteLib import networks
@@ -22,7 +22,7 @@ from MedSegSuiteLib.models import save_model
 from MedSegSuiteLib.volume import Volume
 from MedSegSuiteLib.worker import WorkerClient
 
-THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
+THREADS = str(TEST_THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import grey_disc
+from conftest import TEST_THREADS, grey_disc
 
 from MedSegSuiteLib.io import read_image, write_image
 from MedSegSuiteLib.volume import Volume
 from MedSegSuiteLib.worker import WorkerClient
 
-THREADS = os.environ.get("MEDSEGSUITE_TEST_THREADS", "2")
+THREADS = str(TEST_THREADS)
 SPACING, ORIGIN = (0.8, 0.8, 2.0), (5.0, -3.0, 10.0)
 
 
