@@ -46,7 +46,7 @@ def check_folder(target: Path) -> None:
 
 def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
-        raise InputError(f"{target} already exists; choose another name or ask to overwrite it")
+        raise InputError(f"{target} already exists; choose another name or ask to overwrite it (--overwrite)")
     check_folder(target)
 
 

@@ -274,7 +274,7 @@ class ModelRegistry:
             if other.source == "bundled" or not overwrite:
                 raise ModelError(
                     f"a {other.source} model with id {card.id!r} exists; import under another id (--id NEW_ID)"
-                    + ("" if other.source == "bundled" else " or ask to overwrite it")
+                    + ("" if other.source == "bundled" else " or pass --overwrite to replace it")
                 )
         suffix = weights.suffix.lower()
         if suffix == ".safetensors":
