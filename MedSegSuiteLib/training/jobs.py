@@ -129,7 +129,7 @@ def train_model(
     """Train ``options.network`` on ``options.data`` and write the best-validated model to ``options.output``."""
     module = recipe_module(options.network)
     if Path(options.output).exists() and not overwrite:
-        raise InputError(f"{options.output} already exists; choose another output folder or pass --overwrite to replace it")
+        raise InputError(f"{options.output} already exists; choose another folder or pass --overwrite to replace it")
     cases = discover_cases(options.data, require_labels=True)
     train_cases, val_cases = split_cases(cases, options.val_fraction, options.seed, options.val_ids)
     first, _ = load_case(train_cases[0], options.h5_spacing)

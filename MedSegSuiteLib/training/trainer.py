@@ -148,7 +148,7 @@ class Trainer:
         continues from it. ``on_log`` receives each loss/validation record as it is made.
         """
         if self.output.exists() and not overwrite:
-            raise InputError(f"{self.output} already exists; choose another output folder or pass --overwrite to replace it")
+            raise InputError(f"{self.output} already exists; choose another folder or pass --overwrite to replace it")
         if resume:
             self._load_checkpoint()
         elif (self.workdir / CHECKPOINT).exists():
