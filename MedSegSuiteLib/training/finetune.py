@@ -213,7 +213,7 @@ def finetune_model(
     if hasattr(module, "make_finetune"):
         recipe = module.make_finetune(network, run)
     else:
-        known = ("ema", "consistency", "rampup", "noise", "unlabelled_batch", "frozen_norm")
+        known = ("ema", "consistency", "rampup", "noise", "unlabelled_batch", "frozen_norm", "anchor", "schedule")
         recipe = MeanTeacherRecipe(
             network,
             options.iterations,

@@ -295,3 +295,25 @@ def test_with_fewer_than_three_labelled_cases_the_gain_is_said_to_be_unchecked(h
     out, _ = capsys.readouterr()
     assert "The gain could not be checked: with fewer than three labelled cases none was held back" in out, out
     assert "WARNING: test-unet3d-ft-1 is NOT selected" in out
+
+
+def test_the_distance_to_parent_penalty_keeps_the_student_nearer_its_start(unet3d_dir, dark_balls):
+    from MedSegSuiteLib.models import load_model
+    from MedSegSuiteLib.training.datasets import discover_cases, load_case
+
+    items = [(c.id, *load_case(c)) for c in discover_cases(dark_balls / "labelled")][:2]
+    distances = {}
+    for anchor in (0.0, 50.0):
+        model = load_model(unet3d_dir)
+        start = [p.detach().clone() for p in model.network.parameters()]
+        data = TrainingData(
+            PatchStore(items, [1], 1, model.card.input.normalization), 1, Augment(), patch_zyx=(16, 32, 32)
+        )
+        recipe = MeanTeacherRecipe(model.network, 4, lr=1e-2, anchor=anchor)
+        for step in range(4):
+            parts = recipe.step(data, torch.Generator().manual_seed(step), step)
+        assert ("anchor_distance" in parts) == (anchor > 0) and recipe.describe()["anchor"] == anchor
+        distances[anchor] = sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(recipe.student.parameters(), start)
+        )
+    assert 0 < distances[50.0] < 0.5 * distances[0.0], distances

@@ -72,6 +72,8 @@ class MeanTeacherRecipe(Recipe):
         noise: standard deviation of the Gaussian input noise (normalised units) for each network.
         unlabelled_batch: unlabelled images per iteration (default: the labelled batch size).
         frozen_norm: keep the BatchNorm running statistics of the starting network (default True).
+        anchor: weight of the squared distance of the student's weights to the starting ones
+            (L2-SP, Li et al., ICML 2018), summed over all weights; 0 turns it off.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class MeanTeacherRecipe(Recipe):
         device: Optional[torch.device] = None,
         amp: bool = True,
         frozen_norm: bool = True,
+        anchor: float = 0.0,
     ) -> None:
         self.device = device or torch.device("cpu")
         self.student = network.to(self.device)
@@ -108,6 +111,8 @@ class MeanTeacherRecipe(Recipe):
         self.unlabelled_batch = unlabelled_batch
         self.amp = amp
         self.frozen_norm = bool(frozen_norm)
+        self.anchor = float(anchor)
+        self._start = [p.detach().clone() for p in self.student.parameters()] if self.anchor > 0 else []
         self.settings = {
             "recipe": "mean teacher",
             "optimizer": optimizer,
@@ -118,6 +123,7 @@ class MeanTeacherRecipe(Recipe):
             "rampup_iterations": self.rampup,
             "noise": noise,
             "frozen_norm": self.frozen_norm,
+            "anchor": self.anchor,
         }
 
     def _noisy(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -153,6 +159,10 @@ class MeanTeacherRecipe(Recipe):
             consistency = torch.mean((student - target) ** 2)
             loss = loss + weight * consistency
             parts.update({"consistency": float(consistency.detach()), "consistency_weight": weight})
+        if self._start:
+            distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.student.parameters(), self._start))
+            loss = loss + self.anchor * distance
+            parts["anchor_distance"] = float(distance.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 12.0)
