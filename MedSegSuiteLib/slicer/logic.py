@@ -40,6 +40,7 @@ from .segmentations import (
     SegmentationBackup,
     create_segmentation_node,
     place_next_to,
+    remove_node,
     segment_ids,
     segment_mask,
     write_labels,
@@ -664,7 +665,10 @@ class SegmentationLogic:
         try:
             messages = self.client.poll()
         except Exception as error:
-            self.fail(error)
+            if self._task is not None:
+                self.fail(error)
+            else:
+                log.warning("reading the MedSegSuite worker's messages failed", exc_info=True)
             return self.status
         for message in messages:
             task = self._task
@@ -848,8 +852,8 @@ class SegmentationLogic:
             masks = {sid: array == label.value for sid, label in zip(ids, card.labels)}
             self._show(input_node)
         except Exception as error:  # nothing half-made stays: a new node goes, an existing one is put back
-            if created is not None and created.GetScene() is not None:
-                scene.RemoveNode(created)
+            if created is not None:
+                remove_node(created)
             elif backup is not None:
                 backup.restore()
             if isinstance(error, MedSegSuiteError):

@@ -712,6 +712,7 @@ class FinetuneSection:
             return
         from .finetuning import GridQuestion
 
+        undo_curve = self._curve_undo()
         resample = False
         while True:
             try:
@@ -730,16 +731,40 @@ class FinetuneSection:
             except GridQuestion as question:
                 text = _sentence(str(question)) + ".\n\nResample it onto the volume and continue?"
                 if resample or not slicer.util.confirmOkCancelDisplay(text, windowTitle="MedSegSuite: finetune"):
+                    undo_curve()
                     panel.show_status(TaskStatus("idle", "Not started: " + _sentence(str(question)) + "."))
                     return
                 resample = True
                 continue
-            except Exception as error:  # nothing was sent
+            except Exception as error:  # nothing was sent; a curve made for this run goes again
+                undo_curve()
                 panel.show_status(TaskStatus("failed", error_message(error, _("Finetuning"))))
                 panel.update_enabled()
                 return
             break
         panel.job_started(status)
+
+    def _curve_undo(self) -> Any:
+        """A function that removes the curve nodes a run about to start adds, and restores the parameter node."""
+        scene = slicer.mrmlScene
+        known = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        p = self.panel.parameters
+        tables = (p.finetune_loss_table, p.finetune_validation_table, p.finetune_chart) if p is not None else None
+
+        def undo() -> None:
+            added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+            curve_classes = ("vtkMRMLTableNode", "vtkMRMLPlotSeriesNode", "vtkMRMLPlotChartNode")
+            for node in reversed([node for node in added if node.GetID() not in known]):
+                if any(node.IsA(cls) for cls in curve_classes):
+                    scene.RemoveNode(node)
+            if p is not None and tables is not None:
+                was_modifying = p.node.StartModify()
+                try:
+                    p.finetune_loss_table, p.finetune_validation_table, p.finetune_chart = tables
+                finally:
+                    p.node.EndModify(was_modifying)
+
+        return undo
 
     def job_ended(self, status: TaskStatus) -> None:
         """A finetuning or timing ended: list a new model, and choose it for Segment only when it beat its parent."""

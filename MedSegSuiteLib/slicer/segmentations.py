@@ -33,6 +33,7 @@ __all__ = [
     "frame_matrix",
     "geometry_matches",
     "place_next_to",
+    "remove_node",
     "same_frame",
     "segment_ids",
     "segment_labelmap",
@@ -323,6 +324,19 @@ class SegmentationBackup:
                 display.SetVisibility2D(self.visibility[1])
         finally:
             node.EndModify(was_modifying)
+
+
+def remove_node(node: Any) -> None:
+    """Remove a displayable node from its scene together with its display and storage nodes."""
+    scene = node.GetScene()
+    if scene is None:
+        return
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is scene:
+            scene.RemoveNode(helper)
 
 
 def place_next_to(node: Any, reference_node: Any) -> bool:
