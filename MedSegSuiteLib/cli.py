@@ -138,10 +138,31 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise InputError(f"--steps must be between 0 and {MAX_STEPS}, got {steps}")
 
 
+def _write_labels(labels, card, path, table_path) -> None:  # noqa: ANN001
+    """Write a result label map: a ``.seg.nrrd`` with the card's names, colours and terminology, or a
+    label map with its JSON label table at ``table_path`` (so ``export`` keeps the names later)."""
+    from .io import write_image
+    from .io.atomic import compound_suffix
+
+    if compound_suffix(path) == ".seg.nrrd":
+        from .io.seg_nrrd import write_seg_nrrd
+        from .io.segmentation import Segmentation
+
+        segmentation = Segmentation.from_label_map(labels, card.labels, source=f"the result of {card.id}")
+        write_seg_nrrd(segmentation, path, overwrite=True)
+        return
+    write_image(labels, path, overwrite=True)
+    if table_path is not None:
+        from .io.label_table import write_label_table
+
+        write_label_table(card.labels, table_path, overwrite=True)
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .errors import InputError
+    from .export import table_path_for
     from .geometry import Box
     from .inference import Predictor
     from .io import read_image, write_image
@@ -149,12 +170,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .models import ModelRegistry, load_model
 
     output = Path(args.output)
-    targets = [output] + ([Path(args.scores)] if args.scores else [])
-    for path in targets:
+    slicer_file = compound_suffix(output) == ".seg.nrrd"
+    table = None if slicer_file else table_path_for(output)  # a label map gets its label table beside it
+    targets = [output] + ([table] if table else []) + ([Path(args.scores)] if args.scores else [])
+    for path in [output] + ([Path(args.scores)] if args.scores else []):
         if path.exists() and not args.overwrite:
             raise InputError(f"{path} already exists; pass --overwrite to replace it")
-        if compound_suffix(path) not in (".nrrd", ".nii", ".nii.gz", ".mha", ".png", ".tif", ".tiff"):
-            raise InputError(f"{path.name}: write the result as .nrrd, .nii.gz, .nii, .mha, or .png for 2D images")
+        allowed = (".nrrd", ".nii", ".nii.gz", ".mha", ".png", ".tif", ".tiff")
+        allowed += (".seg.nrrd",) if path == output else ()
+        if compound_suffix(path) not in allowed:
+            raise InputError(
+                f"{path.name}: write the result as .seg.nrrd, .nrrd, .nii.gz, .nii, .mha, or .png for 2D images"
+            )
     _check_counts(args)
     check_targets(targets, overwrite=args.overwrite)
     roi = Box.parse(args.roi) if args.roi else None
@@ -168,11 +195,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     with atomic_outputs(targets, overwrite=args.overwrite) as temps:
-        write_image(result.labels, temps[0], overwrite=True)
+        _write_labels(result.labels, model.card, temps[0], temps[1] if table else None)
         if args.scores:
             if result.scores is None:
                 raise InputError(f"{model.card.id} gives no per-class scores; leave out --scores")
-            write_image(result.scores, temps[1], overwrite=True)
+            write_image(result.scores, temps[-1], overwrite=True)
     counts = {label.name: int((result.labels.array == label.value).sum()) for label in model.card.labels}
     if not args.quiet:
         unit = "pixels" if volume.is_2d else "voxels"
@@ -181,6 +208,24 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 # -- refine ----------------------------------------------------------------------------------
+def _read_mask(path: str, card, volume):  # noqa: ANN001, ANN202
+    """The mask to refine on ``volume``'s grid: a label map (0/255 masks read as 0/1), or a Slicer
+    ``.seg.nrrd`` / DICOM SEG matched to the model's labels; one cropped on the image's lattice is
+    padded back."""
+    from .export import import_labels, read_label_map
+    from .io.atomic import compound_suffix
+
+    if compound_suffix(path) in (".seg.nrrd", ".dcm"):
+        return import_labels(path, card.labels, volume)
+    mask = read_label_map(path)
+    if mask.grid.same_as(volume.grid, atol=1e-3):
+        return mask
+    from .io.segmentation import Segmentation
+
+    segmentation = Segmentation.from_label_map(mask, None, source=str(path)).on_grid(volume.grid, what=path)
+    return segmentation.to_label_map("refuse")[0]
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -202,9 +247,10 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     _check_counts(args)
     check_targets(targets, overwrite=args.overwrite)
     volume = read_image(args.input)
-    mask = read_image(args.mask)
+    model = load_model(args.model, ModelRegistry())
+    mask = _read_mask(args.mask, model.card, volume)
     keep = read_image(args.keep) if args.keep else None
-    refiner = Refiner(load_model(args.model, ModelRegistry()), device=args.device)
+    refiner = Refiner(model, device=args.device)
     bar = ProgressBar(enabled=not args.quiet)
     try:
         result = refiner.refine(

@@ -52,6 +52,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "export",
     "import_labels",
+    "read_label_map",
     "read_segmentation",
     "resolve_labels",
     "table_path_for",
@@ -98,9 +99,12 @@ def resolve_labels(labels: LabelsSpec) -> tuple[Optional[tuple[Label, ...]], Opt
     return tuple(entry.card.labels), AlgorithmInfo(entry.card.id, entry.card.version)
 
 
-def _read_label_map(path: Path) -> Volume:
+def read_label_map(path: PathLike) -> Volume:
+    """A label map file as a one-channel Volume; a mask saved as 0/255 (in any format, with JPEG
+    noise in a raster image) becomes 0/1."""
     from .io import read_image
 
+    path = Path(path)
     volume = read_image(path)
     if compound_suffix(path) in _RASTER_SUFFIXES:
         array = volume.array.max(axis=0) if volume.array.ndim == 4 else volume.array
@@ -109,6 +113,9 @@ def _read_label_map(path: Path) -> Volume:
         volume = volume.with_array(array)
     elif volume.array.ndim == 4:
         raise InputError(f"{path} has {volume.channels} channels; a label map has one")
+    elif volume.array.dtype.kind in "ui" and int(volume.array.max(initial=0)) == 255:
+        if set(np.unique(volume.array).tolist()) == {0, 255}:  # a binary mask written as 0/255
+            volume = volume.with_array((volume.array == 255).astype(np.uint8))
     return volume
 
 
@@ -138,7 +145,7 @@ def read_segmentation(
 
         segmentation = read_dicom_seg(path, reference=reference)
     else:
-        volume = _read_label_map(path)
+        volume = read_label_map(path)
         table = labels
         if table is None and table_path_for(path).is_file():
             from .io.label_table import read_label_table

@@ -355,12 +355,18 @@ class Segmentation:
     def on_grid(self, target: Grid, resample: bool = False, what: str = "the segmentation") -> Segmentation:
         """This segmentation on ``target``: as is when the grids agree within 1e-3 mm, else resampled.
 
-        Resampling (nearest neighbour, layer by layer) happens only with ``resample``
-        and only when both grids cover the same physical region; otherwise
-        InputError names both grids.
+        A segmentation cropped on ``target``'s own lattice (same spacing and
+        direction, origin on a voxel of ``target``: what Slicer writes for segments
+        cropped to their extent) is padded back with zeros, not resampled; voxels of
+        it outside ``target`` must be empty. Resampling (nearest neighbour, layer
+        by layer) happens only with ``resample`` and only when both grids cover the
+        same physical region; otherwise InputError names both grids.
         """
         if self.grid.same_as(target, atol=GRID_TOLERANCE_MM):
             return dataclasses.replace(self, grid=target)
+        padded = self._padded_onto(target, what)
+        if padded is not None:
+            return padded
         if not resample:
             raise InputError(
                 f"{what}'s grid differs from the reference volume's: {what} has {describe_grid(self.grid)}; "
@@ -376,6 +382,39 @@ class Segmentation:
         layers = np.stack([resample_array(layer, self.grid, target, order=0) for layer in self.layers])
         log.info("resampled %s (nearest neighbour) onto %s", what, target.describe())
         return Segmentation(target, layers.astype(self.layers.dtype, copy=False), self.segments)
+
+    def _padded_onto(self, target: Grid, what: str) -> Optional[Segmentation]:
+        """This segmentation padded (or cut) onto ``target`` when it lies on ``target``'s lattice, else None."""
+        source = self.grid
+        if not np.allclose(source.spacing, target.spacing, rtol=0, atol=GRID_TOLERANCE_MM) or not np.allclose(
+            source.direction, target.direction, rtol=0, atol=1e-4
+        ):
+            return None
+        offset_xyz = target.physical_to_index(source.origin)
+        start_xyz = np.round(offset_xyz)
+        spacing = np.asarray(target.spacing, dtype=np.float64)
+        if np.any(np.abs(offset_xyz - start_xyz) * spacing > GRID_TOLERANCE_MM):
+            return None
+        start = start_xyz[::-1].astype(int)  # z, y, x
+        size = np.asarray(source.shape)
+        lo = np.maximum(start, 0)
+        hi = np.minimum(start + size, np.asarray(target.shape))
+        if np.any(hi <= lo):
+            raise InputError(
+                f"{what} lies wholly outside the reference volume (on its lattice at voxel offset "
+                f"{tuple(int(v) for v in start_xyz)}); is it the segmentation of another image?"
+            )
+        inner = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, start, hi))
+        kept = self.layers[(slice(None), *inner)]
+        if int(np.count_nonzero(kept)) != int(np.count_nonzero(self.layers)):
+            raise InputError(
+                f"{what} has segment voxels outside the reference volume (its grid reaches beyond it on the same "
+                "lattice); is it the segmentation of another image, or of a larger crop?"
+            )
+        layers = np.zeros((self.layers.shape[0], *target.shape), dtype=self.layers.dtype)
+        layers[(slice(None), *(slice(int(a), int(c)) for a, c in zip(lo, hi)))] = kept
+        log.info("padded %s from %s onto the reference grid %s", what, source.describe(), target.describe())
+        return Segmentation(target, layers, self.segments)
 
     def with_labels(self, card_labels: Sequence[Label], by_value: str = "unnamed") -> Segmentation:
         """Segments renamed, recoloured, coded and numbered after the matching labels of a model's table.
