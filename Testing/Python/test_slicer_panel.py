@@ -17,6 +17,7 @@ import pytest
 import slicer_harness
 from conftest import HIDIFF_CARD, OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
+from slicer_harness.fixtures import slicer_api  # noqa: F401 - a fixture
 
 from MedSegSuiteLib.worker.client import WorkerClient
 
@@ -29,8 +30,9 @@ DEMO_CARD = dict(
 
 
 @pytest.fixture
-def panel(home, tmp_path):
-    """The module widget over a fresh scene, with two listed models and a fake worker."""
+def panel(home, tmp_path, slicer_api):  # noqa: F811 - the fixture imported above
+    """The module widget over a fresh scene, with two listed models and a fake worker; once per Slicer API
+    generation (5.8, current)."""
     install_card(home, DEMO_CARD)
     install_card(home, dict(UNET2D_CARD, weights={"file": "model.safetensors"}))
     install_card(home, HIDIFF_CARD)
