@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import Volume
 from .atomic import atomic_output, compound_suffix
+from .dicom_series import check_series, resample_uniform
 from .headers import check_header
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "volume_from_sitk", "volume_to_sitk", "write_image"]
@@ -96,13 +97,37 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
         series_uid = uids[0]
     elif series_uid not in uids:
         raise InputError(f"DICOM series {series_uid} is not in {folder}; series there: {', '.join(uids)}")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    files = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    geometry = check_series(folder, files)
+    if geometry is not None:
+        from ..memory import check_fits
+
+        files = list(geometry.files)
+        check_fits(
+            float(geometry.rows) * geometry.columns * len(files) * max(geometry.bytes_per_pixel, 4),
+            f"reading the DICOM series in {folder} ({geometry.columns} x {geometry.rows} x {len(files)} voxels)",
+            "crop or downsample it first, or use a machine with more memory",
+        )
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with _native_stderr_silenced():  # ITK's own warnings about spacing: checked and reported above
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(error)}") from None
-    return volume_from_sitk(image)
+    volume = volume_from_sitk(image)
+    if geometry is not None and geometry.uneven and volume.shape[0] == len(geometry.positions):
+        steps = np.diff(geometry.positions)
+        log.warning(
+            "the slices of the DICOM series in %s are unevenly spaced (%.3g to %.3g mm apart); resampled them "
+            "linearly onto a uniform grid of %.3g mm",
+            folder,
+            steps.min(),
+            steps.max(),
+            geometry.step,
+        )
+        array = resample_uniform(volume.array, geometry.positions, geometry.step)
+        volume = Volume(array, (*volume.spacing[:2], geometry.step), volume.origin, volume.direction)
+    return volume
 
 
 def _read_gif(path: Path) -> Volume:
