@@ -93,13 +93,15 @@ def test_finetune_job_streams_progress_and_loss_records_and_registers_a_new_mode
     losses = [r for r in records if "loss" in r]
     validations = [r for r in records if "val_dice" in r]
     assert losses[0]["iteration"] == 1 and losses[-1]["iteration"] == 5 and all(r["loss"] > 0 for r in losses)
-    assert [r["iteration"] for r in validations] == [1, 2, 3, 4, 5] and 0 <= validations[-1]["val_dice"] <= 1
+    # iteration 0 is the parent on the held-back cases: the checkpoint to beat
+    assert [r["iteration"] for r in validations] == [0, 1, 2, 3, 4, 5] and 0 <= validations[-1]["val_dice"] <= 1
 
     info = result["info"]
     assert info["model"] == "test-unet3d-ft-1" and info["parent"] == "test-unet3d" and info["resumed"] is False
     assert info["labelled"] == 2 and info["unlabelled"] == 1 and info["device"] == "cpu"
     assert 0 <= info["dice_before"] <= 1 and 0 <= info["dice_after"] <= 1
     assert info["split"] == "the 2 labelled training cases (too few to hold any back)"
+    assert info["verdict"]["outcome"] == "not checked" and info["selected"] is False  # nothing held back to check
     card = json.loads((home / "home" / "models" / "test-unet3d-ft-1" / "card.json").read_text(encoding="utf-8"))
     assert result["outputs"]["model"] == info["directory"] == str(home / "home" / "models" / "test-unet3d-ft-1")
     assert card["parent"] == "test-unet3d" and card["training"]["finetune"]["unlabelled"] == 1
