@@ -34,7 +34,7 @@ import slicer
 from ..errors import InputError, MedSegSuiteError
 from ..worker.client import WorkerClient
 from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, finetune_outcome, parent_label_map
-from .messages import describe_error
+from .messages import _, describe_error
 from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
 from .segmentations import (
     SegmentationBackup,
@@ -61,19 +61,31 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEVICE_TITLES = {"auto": "Auto (GPU if available)", "cpu": "CPU", "cuda": "CUDA GPU", "mps": "Apple GPU (MPS)"}
-_STAGE_TITLES = {
-    "loading model": "Loading the model",
-    "reading image": "Reading the image",
-    "preprocessing": "Preparing the image",
-    "segmenting": "Segmenting",
-    "postprocessing": "Finishing",
-    "refining": "Refining",
-    "loading data": "Loading the cases",
-    "measuring the parent": "Measuring the starting model",
-    "training": "Finetuning",
-    "timing": "Timing iterations",
-}
-_JOB_TITLES = {"segment": "Segmentation", "refine": "Refinement", "finetune": "Finetuning", "timing": "Timing"}
+
+
+def _stage_title(stage: str) -> str:
+    """The panel's (translated) title of a worker stage."""
+    titles = {
+        "loading model": _("Loading the model"),
+        "reading image": _("Reading the image"),
+        "preprocessing": _("Preparing the image"),
+        "segmenting": _("Segmenting"),
+        "postprocessing": _("Finishing"),
+        "refining": _("Refining"),
+        "loading data": _("Loading the cases"),
+        "measuring the parent": _("Measuring the starting model"),
+        "training": _("Finetuning"),
+        "timing": _("Timing iterations"),
+    }
+    return titles.get(stage, stage.capitalize())
+
+
+def _job_title(kind: str) -> str:
+    """The (translated) name of a job kind for status sentences."""
+    titles = {"segment": _("Segmentation"), "refine": _("Refinement"), "finetune": _("Finetuning")}
+    return titles.get(kind) or (_("Timing") if kind == "timing" else _("The job"))
+
+
 FINETUNE_CANCEL_GRACE = 180.0  # seconds a cancelled finetuning may take to write its checkpoint
 REFINE_SCOPES = {"volume": "Whole volume", "slice": "Current axial slice (Red view)", "roi": "Region (ROI)"}
 
@@ -338,7 +350,7 @@ class SegmentationLogic:
             job_dir,
             time.monotonic(),
         )
-        self.status = TaskStatus("running", f"Starting {card.name}...", kind="segment")
+        self.status = TaskStatus("running", _("Starting {model}...").format(model=card.name), kind="segment")
         return self.status
 
     def start_refine(
@@ -437,7 +449,7 @@ class SegmentationLogic:
             plan=plan,
             steps=int(steps),
         )
-        self.status = TaskStatus("running", f"Starting {card.name} refinement...", kind="refine")
+        self.status = TaskStatus("running", _("Starting {model} refinement...").format(model=card.name), kind="refine")
         return self.status
 
     def can_undo(self, segmentation_node: Optional[Any]) -> bool:
@@ -473,7 +485,7 @@ class SegmentationLogic:
     ) -> tuple:
         """What a time estimate depends on: the parent, the cases (as sent), the folder and the device."""
         card = parent.card if hasattr(parent, "card") else None
-        in_pairs = {volume.GetID() for _, volume in pairs}
+        in_pairs = {volume.GetID() for _segmentation, volume in pairs}
         return (
             card.id if card is not None else str(parent),
             tuple(segmentation.GetID() for segmentation, _ in pairs),
@@ -522,9 +534,9 @@ class SegmentationLogic:
         folder = str(unlabelled_folder or "").strip()
         if folder and not Path(folder).is_dir():
             raise InputError(f"the unlabelled folder {folder} does not exist")
-        in_pairs = {volume.GetID() for _, volume in pairs}
+        in_pairs = {volume.GetID() for _segmentation, volume in pairs}
         extra = [node for node in unlabelled_nodes if node is not None and node.GetID() not in in_pairs]
-        for node in [volume for _, volume in pairs] + extra:
+        for node in [volume for _segmentation, volume in pairs] + extra:
             if card.dims == 3 and grid_from_node(node).shape[0] == 1:
                 raise InputError(f"{card.name} is a 3D model and {node.GetName()!r} is a single 2D image")
         label_maps = [parent_label_map(segmentation, volume, card, resample) for segmentation, volume in pairs]
@@ -539,7 +551,7 @@ class SegmentationLogic:
 
             names: set[str] = set()
             labelled, unlabelled = [], []
-            for n, ((_, volume), labels) in enumerate(zip(pairs, label_maps), 1):
+            for n, ((_segmentation, volume), labels) in enumerate(zip(pairs, label_maps), 1):
                 image = write_image(
                     volume_from_node(volume, copy=False), job_dir / f"labelled-{n}.nrrd", compress=False
                 )
@@ -624,7 +636,9 @@ class SegmentationLogic:
             segmentation_node, output, reference_node, overwrite=overwrite, dicom_folder=dicom_folder
         )
         names = " and ".join(str(path) for path in written)
-        text = f"Exported {segmentation_node.GetName()!r} to {names} in {time.monotonic() - started:.1f} s."
+        text = _("Exported {segmentation} to {files} in {seconds} s.").format(
+            segmentation=repr(segmentation_node.GetName()), files=names, seconds=f"{time.monotonic() - started:.1f}"
+        )
         return TaskStatus("done", text, output_node_id=segmentation_node.GetID(), kind="export")
 
     def _prune(self) -> None:
@@ -653,7 +667,7 @@ class SegmentationLogic:
         else:
             client.cancel(self._task.job)
         self.status = TaskStatus(
-            "running", "Cancelling...", self.status.stage, self.status.done, self.status.total, kind=self._task.kind
+            "running", _("Cancelling..."), self.status.stage, self.status.done, self.status.total, kind=self._task.kind
         )
 
     def poll(self) -> TaskStatus:
@@ -688,16 +702,16 @@ class SegmentationLogic:
         sentence, and the traceback goes to the log. Without a running job only the status changes."""
         log.error("MedSegSuite job ended by an unexpected error", exc_info=error)
         task = self._task
-        title = _JOB_TITLES.get(task.kind, "The job") if task is not None else "The job"
+        title = _job_title(task.kind if task is not None else "")
         if task is not None:
             try:
                 self.client.cancel(task.job)
             except Exception:  # the worker may be the problem: the job ends here anyway
                 log.warning("could not cancel job %s", task.job, exc_info=True)
-        text = (
-            f"{title} stopped by an unexpected error ({describe_error(error)}); nothing was changed in the scene. "
+        text = _(
+            "{job} stopped by an unexpected error ({error}); nothing was changed in the scene. "
             "Details are in the Python console."
-        )
+        ).format(job=title, error=describe_error(error))
         self._finish(TaskStatus("failed", text))
         return self.status
 
@@ -706,7 +720,7 @@ class SegmentationLogic:
         kind = message["type"]
         if kind == "progress":
             stage, done, total, unit = message["stage"], message["done"], message["total"], message.get("unit", "")
-            title = _STAGE_TITLES.get(stage, stage.capitalize())
+            title = _stage_title(stage)
             text = f"{title}: {done} / {total} {unit}" if total > 1 else f"{title}..."
             if task.kind == "finetune" and stage == "training":
                 text += self._time_left(task, done, total)
@@ -730,7 +744,7 @@ class SegmentationLogic:
             self._finish(self._finetune_stopped(task, "") if task.kind == "finetune" else self._cancelled())
         elif kind == "error":
             text = self._name_job_files(task, str(message["message"]))
-            self._finish(TaskStatus("failed", f"{_JOB_TITLES.get(task.kind, 'The job')} failed: {text}"))
+            self._finish(TaskStatus("failed", _("{job} failed: {error}").format(job=_job_title(task.kind), error=text)))
         elif kind == "died":
             text = message["message"][0].upper() + message["message"][1:] + "."
             self._finish(
@@ -818,7 +832,7 @@ class SegmentationLogic:
 
     @staticmethod
     def _cancelled() -> TaskStatus:
-        return TaskStatus("cancelled", "Cancelled; nothing was changed.")
+        return TaskStatus("cancelled", _("Cancelled; nothing was changed."))
 
     def _finish(self, status: TaskStatus) -> None:
         task, self._task = self._task, None
@@ -833,7 +847,9 @@ class SegmentationLogic:
         scene = self.scene
         input_node = scene.GetNodeByID(task.input_node_id)
         if input_node is None:
-            return TaskStatus("failed", "The input volume was removed while segmenting; the result was discarded.")
+            return TaskStatus(
+                "failed", _("The input volume was removed while segmenting; the result was discarded.")
+            )
         card = task.entry.card
         created, backup = None, None
         try:
@@ -857,7 +873,7 @@ class SegmentationLogic:
             elif backup is not None:
                 backup.restore()
             if isinstance(error, MedSegSuiteError):
-                return TaskStatus("failed", f"Segmentation failed: {error}")
+                return TaskStatus("failed", _("Segmentation failed: {error}").format(error=error))
             raise
         self.undo_stack.forget(output)  # a new result: earlier refinements cannot be undone into it
         self.ai_results.remember(output, labels.grid, masks, replace=True)
@@ -865,10 +881,11 @@ class SegmentationLogic:
         found = [label.name for label in card.labels if label.value in info.get("labels_present", [])]
         seconds = time.monotonic() - task.started
         device = str(info.get("device", "?")).replace("cpu", "CPU")
-        text = (
-            f"Done in {seconds:.1f} s on {device}: "
-            + (", ".join(found) if found else "nothing found")
-            + f" in {output.GetName()!r}."
+        text = _("Done in {seconds} s on {device}: {found} in {segmentation}.").format(
+            seconds=f"{seconds:.1f}",
+            device=device,
+            found=", ".join(found) if found else _("nothing found"),
+            segmentation=repr(output.GetName()),
         )
         return TaskStatus("done", text, output_node_id=output.GetID(), info=info)
 
@@ -880,7 +897,7 @@ class SegmentationLogic:
         segmentation_node = scene.GetNodeByID(task.output_node_id) if task.output_node_id else None
         if volume_node is None or segmentation_node is None:
             return TaskStatus(
-                "failed", "The volume or the segmentation was removed while refining; nothing was changed."
+                "failed", _("The volume or the segmentation was removed while refining; nothing was changed.")
             )
         plan = task.plan
         assert plan is not None
@@ -898,7 +915,7 @@ class SegmentationLogic:
                 self.ai_results.restore(segmentation_node, self.undo_stack.pop(segmentation_node))
                 raise
         except MedSegSuiteError as error:  # apply_refinement changed nothing, or the undo copy put it back
-            return TaskStatus("failed", f"Refinement failed: {error}")
+            return TaskStatus("failed", _("Refinement failed: {error}").format(error=error))
         info = dict(message.get("info", {}))
         seconds = time.monotonic() - task.started
         device = str(info.get("device", "?")).replace("cpu", "CPU")
@@ -906,10 +923,9 @@ class SegmentationLogic:
         names = {match.segment_id: match.name for match in plan.matches}
         parts = [f"{changed[sid]} in {names[sid]!r}" for sid in names]
         kept = int(plan.keep.sum()) if plan.keep is not None else 0
-        text = (
-            f"Refined {slices} slice(s) with {task.steps} step(s) in {seconds:.1f} s on {device}: "
-            f"voxels changed: {', '.join(parts)}."
-        )
+        text = _(
+            "Refined {slices} slice(s) with {steps} step(s) in {seconds} s on {device}: voxels changed: {parts}."
+        ).format(slices=slices, steps=task.steps, seconds=f"{seconds:.1f}", device=device, parts=", ".join(parts))
         if plan.keep is not None:
             text += f" Kept {kept} edited voxel(s)"
             if plan.hand_painted:

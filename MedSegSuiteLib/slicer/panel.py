@@ -79,7 +79,7 @@ class SegmentPanel(VTKObservationMixin):
         self.addObserver(scene, scene.EndImportEvent, self._on_scene_changed)
         self.refresh_devices()
         self.refresh_models()
-        self.show_status(TaskStatus("idle", "Choose an input volume and a model, then click Segment."))
+        self.show_status(TaskStatus("idle", _("Choose an input volume and a model, then click Segment.")))
 
     # -- parameter node ----------------------------------------------------------------
     def initialize_parameter_node(self) -> None:
@@ -219,7 +219,7 @@ class SegmentPanel(VTKObservationMixin):
         if entry is None:
             problems = " ".join(self.logic.problems)
             self.ui.modelInfoLabel.setText(
-                problems or "No models are installed. Import one with <i>medsegsuite models import FILE</i>."
+                problems or _("No models are installed. Import one with <i>medsegsuite models import FILE</i>.")
             )
             self.ui.fastCheckBox.setEnabled(False)
             return
@@ -227,16 +227,19 @@ class SegmentPanel(VTKObservationMixin):
         if self.logic.problems:  # broken model folders are skipped: say which, or they vanish without a word
             from html import escape
 
-            text += "<br><br><b>Not listed</b> (fix or remove these models): " + "; ".join(
-                escape(problem) for problem in self.logic.problems
+            text += (
+                "<br><br>"
+                + _("<b>Not listed</b> (fix or remove these models):")
+                + " "
+                + "; ".join(escape(problem) for problem in self.logic.problems)
             )
         self.ui.modelInfoLabel.setText(text)
         has_fast = bool(entry.card.inference.fast)
         self.ui.fastCheckBox.setEnabled(has_fast and not self.logic.busy)
         self.ui.fastCheckBox.setToolTip(
-            "Use the model card's quicker settings (for example less window overlap)."
+            _("Use the model card's quicker settings (for example less window overlap).")
             if has_fast
-            else "This model has no fast mode."
+            else _("This model has no fast mode.")
         )
 
     # -- running -------------------------------------------------------------------------
@@ -261,17 +264,17 @@ class SegmentPanel(VTKObservationMixin):
         ready = has_input and entry is not None and not running
         install = has_input and entry is None and self.logic.packages_missing and not running
         self.ui.segmentButton.setEnabled(segmenting or ready or install)
-        self.ui.segmentButton.setText("Cancel" if segmenting else "Segment")
+        self.ui.segmentButton.setText(_("Cancel") if segmenting else _("Segment"))
         if segmenting:
-            tip = "Stop the running segmentation; the scene stays as it is."
+            tip = _("Stop the running segmentation; the scene stays as it is.")
         elif running:
-            tip = "Wait for the running job to end."
+            tip = _("Wait for the running job to end.")
         elif install:
-            tip = "MedSegSuite's Python packages are missing: click to install them."
+            tip = _("MedSegSuite's Python packages are missing: click to install them.")
         elif ready:
-            tip = "Segment the input volume with the chosen model (runs in the background)."
+            tip = _("Segment the input volume with the chosen model (runs in the background).")
         else:
-            tip = "Choose an input volume and a model first."
+            tip = _("Choose an input volume and a model first.")
         self.ui.segmentButton.setToolTip(tip)
         self.refine.update_enabled()
         self.finetune.update_enabled()
@@ -289,10 +292,10 @@ class SegmentPanel(VTKObservationMixin):
         try:
             installer = DependencyInstaller(self.requirements)
             if installer.missing():
-                self.show_status(TaskStatus("idle", "Installing Python packages..."))
+                self.show_status(TaskStatus("idle", _("Installing Python packages...")))
                 slicer.app.processEvents()
             if not installer.ensure():
-                self.show_status(TaskStatus("idle", "MedSegSuite needs its Python packages; nothing was installed."))
+                self.show_status(TaskStatus("idle", _("MedSegSuite needs its Python packages; nothing was installed.")))
                 return False
         except Exception as error:  # an InstallError, or whatever pip or the PyTorch extension raised
             self.show_status(TaskStatus("failed", error_message(error, _("Installing Python packages"))))
@@ -313,7 +316,7 @@ class SegmentPanel(VTKObservationMixin):
             return
         entry = self.current_entry()
         if entry is None:
-            self.show_status(TaskStatus("idle", "Choose a model, then click Segment."))
+            self.show_status(TaskStatus("idle", _("Choose a model, then click Segment.")))
             return
         try:
             status = self.logic.start(

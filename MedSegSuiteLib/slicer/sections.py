@@ -65,9 +65,9 @@ class RefineSection:
         finally:
             selector.blockSignals(False)
         selector.setToolTip(
-            "The HiDiff model whose diffusion steps refine the current segmentation."
+            _("The HiDiff model whose diffusion steps refine the current segmentation.")
             if self._entries
-            else "No HiDiff model is installed: import one with medsegsuite models import FILE."
+            else _("No HiDiff model is installed: import one with medsegsuite models import FILE.")
         )
 
     @property
@@ -115,20 +115,22 @@ class RefineSection:
         limit = diffusion_steps(entry.card) if entry is not None else 10
         self.ui.refineStepsSpinBox.setMaximum(limit)
         self.ui.refineStepsSpinBox.setToolTip(
-            f"Diffusion steps per click (1-{limit}): few stay close to the segmentation, more may move further."
+            _(
+                "Diffusion steps per click (1-{limit}): few stay close to the segmentation, more may move further."
+            ).format(limit=limit)
         )
 
     # -- state -----------------------------------------------------------------------------
     def _why_not(self) -> str:
         ui = self.ui
         if self.current_entry() is None:
-            return "Install a HiDiff model to refine segmentations."
+            return _("Install a HiDiff model to refine segmentations.")
         if ui.inputVolumeSelector.currentNode() is None:
-            return "Choose the input volume first."
+            return _("Choose the input volume first.")
         if ui.outputSegmentationSelector.currentNode() is None:
-            return "Choose a segmentation (segment first, or paint one in Segment Editor)."
+            return _("Choose a segmentation (segment first, or paint one in Segment Editor).")
         if self.scope() == "roi" and ui.refineRegionSelector.currentNode() is None:
-            return "Choose the ROI to refine inside."
+            return _("Choose the ROI to refine inside.")
         return ""
 
     def update_enabled(self) -> None:
@@ -141,23 +143,25 @@ class RefineSection:
         problem = self._why_not()
         ready = not running and not problem
         ui.refineButton.setEnabled(ready or refining)
-        ui.refineButton.setText("Cancel" if refining else "Refine")
+        ui.refineButton.setText(_("Cancel") if refining else _("Refine"))
         ui.oneStepButton.setEnabled(ready)
         if refining:
-            tip = "Stop the running refinement; the segmentation stays as it is."
+            tip = _("Stop the running refinement; the segmentation stays as it is.")
         elif running:
-            tip = "Wait for the running job to end."
+            tip = _("Wait for the running job to end.")
         else:
-            tip = problem or "Run the chosen number of diffusion steps on the current segmentation (in the background)."
+            tip = problem or _(
+                "Run the chosen number of diffusion steps on the current segmentation (in the background)."
+            )
         ui.refineButton.setToolTip(tip)
-        ui.oneStepButton.setToolTip(problem or "Run a single diffusion step; click again for another.")
+        ui.oneStepButton.setToolTip(problem or _("Run a single diffusion step; click again for another."))
         segmentation = ui.outputSegmentationSelector.currentNode()
         can_undo = logic.can_undo(segmentation)
         ui.undoRefineButton.setEnabled(can_undo)
         ui.undoRefineButton.setToolTip(
-            "Put the segmentation back as it was before the last refinement."
+            _("Put the segmentation back as it was before the last refinement.")
             if can_undo
-            else "Nothing to undo: no refinement of this segmentation yet."
+            else _("Nothing to undo: no refinement of this segmentation yet.")
         )
 
     # -- actions ---------------------------------------------------------------------------
@@ -287,20 +291,24 @@ class ExportSection:
         item = selector.model().item(index)
         if item is not None:
             item.setEnabled(not problem)
-            item.setToolTip(_sentence(problem) + "." if problem else "A DICOM SEG that references the input's series.")
+            fits = _("A DICOM SEG that references the input's series.")
+            item.setToolTip(_sentence(problem) + "." if problem else fits)
         if problem and self.format() == "dicom":
             selector.setCurrentIndex(selector.findData("seg.nrrd"))
         segmentation = ui.outputSegmentationSelector.currentNode()
         path = self.path()
+        ready = False
         if segmentation is None:
-            tip = "Choose a segmentation first."
+            tip = _("Choose a segmentation first.")
         elif not path:
-            tip = "Choose the file to write."
+            tip = _("Choose the file to write.")
         elif format_of(path) is None:
-            tip = "The file name must end in " + ", ".join(ext for ext, _ in FORMATS.values()) + "."
+            endings = ", ".join(ext for ext, _title in FORMATS.values())
+            tip = _("The file name must end in {endings}.").format(endings=endings)
         else:
-            tip = f"Write {segmentation.GetName()!r} to {path}."
-        ui.exportButton.setEnabled(tip.startswith("Write"))
+            tip = _("Write {segmentation} to {path}.").format(segmentation=repr(segmentation.GetName()), path=path)
+            ready = True
+        ui.exportButton.setEnabled(ready)
         ui.exportButton.setToolTip(tip)
 
     # -- actions ---------------------------------------------------------------------------
@@ -327,7 +335,7 @@ class ExportSection:
     def on_export_clicked(self) -> None:
         """Write the current segmentation to the chosen file; the outcome goes to the status line."""
         ui, panel = self.ui, self.panel
-        panel.show_status(TaskStatus("running", "Exporting..."))
+        panel.show_status(TaskStatus("running", _("Exporting...")))
         slicer.app.processEvents()
         try:
             status = panel.logic.export(

@@ -188,12 +188,7 @@ def test_an_unexpected_error_while_a_job_runs_cancels_it(panel, monkeypatch, ste
     volume = _ball()
     before = _scene_state()
     if step == "progress":
-
-        class Titles(dict):
-            def get(self, *args):
-                raise Unexpected("no title")
-
-        monkeypatch.setattr(logic_module, "_STAGE_TITLES", Titles())
+        monkeypatch.setattr(logic_module, "_stage_title", lambda stage: (_ for _ in ()).throw(Unexpected("no title")))
     _run_segment(panel, volume)
     worker = panel.factory.last
     _wait(lambda: panel.logic.client.ready is not None or not panel.logic.busy)  # the worker said it is ready

@@ -424,3 +424,29 @@ def test_panel_renders_offscreen_to_png_files(panel):
         screenshot = REPO / "Resources" / "Screenshots" / "panel.png"
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(target, screenshot)
+
+
+def test_panel_texts_go_through_slicers_translation_function(panel, monkeypatch):
+    """Texts are looked up with ``_`` (``slicer.i18n.tr`` in Slicer) when shown, so a translation changes them."""
+    from MedSegSuiteLib.slicer import logic, sections
+    from MedSegSuiteLib.slicer import panel as panel_module
+    from MedSegSuiteLib.slicer.testing import wait_until
+
+    def marked(text):
+        return f"\u00ab{text}\u00bb"
+
+    for module in (logic, sections, panel_module):
+        monkeypatch.setattr(module, "_", marked)
+    ui = panel.ui
+    panel.panel.update_enabled()
+    assert ui.segmentButton.property("toolTip") == "\u00abChoose an input volume and a model first.\u00bb"
+    assert ui.exportButton.property("toolTip") == "\u00abChoose a segmentation first.\u00bb"
+    ui.inputVolumeSelector.setCurrentNode(_ball())
+    ui.modelSelector.setCurrentIndex(ui.modelSelector.findData("test-unet3d"))
+    ui.segmentButton.click()
+    assert _text(ui.statusLabel) == "\u00abStarting Demo ball finder (U-Net lite)...\u00bb"
+    assert _text(ui.segmentButton) == "\u00abCancel\u00bb"
+    ui.segmentButton.click()  # Cancel
+    assert wait_until(lambda: not panel.logic.busy, 10)
+    assert _text(ui.statusLabel) == "\u00abCancelled; nothing was changed.\u00bb"
+    assert _text(ui.segmentButton) == "\u00abSegment\u00bb"

@@ -54,12 +54,17 @@ def _keep_none_alive() -> None:
     from ``None``, and a long test process ends with "Fatal Python error: none_dealloc"
     (exit status 134) once the count reaches zero. Real 3D Slicer uses PythonQt and is
     not affected. The count is the first field of every object in release builds.
+    ``True`` and ``False`` get the same treatment: bool results and bool Qt properties
+    read through PySide6 lose references the same way ("Fatal Python error:
+    bool_dealloc"), seen once the panel tests ran against both Slicer API generations
+    in one process.
     """
     if sys.implementation.name != "cpython" or sys.version_info >= (3, 12) or hasattr(sys, "gettotalrefcount"):
         return
     import ctypes
 
-    ctypes.c_ssize_t.from_address(id(None)).value += 1 << 40
+    for singleton in (None, True, False):
+        ctypes.c_ssize_t.from_address(id(singleton)).value += 1 << 40
 
 
 def install(testing: bool = True) -> Any:
