@@ -55,5 +55,7 @@ def error_message(error: BaseException, action: str) -> str:
     if isinstance(error, (MedSegSuiteError, OSError)):
         return sentence(str(error)).rstrip(".") + "."
     log.error("%s failed with an unexpected error", action, exc_info=error)
-    return _("{action} failed because of an unexpected error ({error}); nothing was changed. "
-             "Details are in the Python console.").format(action=action, error=describe_error(error))
+    return _(
+        "{action} failed because of an unexpected error ({error}); nothing was changed. "
+        "Details are in the Python console."
+    ).format(action=action, error=describe_error(error))
