@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -136,3 +137,22 @@ def test_a_package_still_missing_after_pip_is_an_error(environment):
 def test_real_environment_satisfies_the_shipped_requirements():
     installer = DependencyInstaller(REPO / "Resources" / "requirements.txt")
     assert installer.missing() == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [subprocess.CalledProcessError(1, ["pip", "install", "torch"]), ImportError("libtorch_cuda.so"), KeyError("x")],
+    ids=["CalledProcessError", "ImportError", "unexpected"],
+)
+def test_any_failure_of_the_pytorch_extension_is_an_install_error(environment, monkeypatch, error):
+    requirements, installed = environment
+    installed.discard("torch")
+
+    class Logic:
+        def installTorch(self, **options):  # noqa: N802 - the PyTorch extension's name
+            raise error
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=Logic))
+    installer = DependencyInstaller(requirements, slicer_module=FakeSlicer(installed, testing=True))
+    with pytest.raises(InstallError, match=rf"^PyTorch could not be installed \({type(error).__name__}"):
+        installer.ensure()

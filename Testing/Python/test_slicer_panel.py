@@ -450,3 +450,26 @@ def test_panel_texts_go_through_slicers_translation_function(panel, monkeypatch)
     assert wait_until(lambda: not panel.logic.busy, 10)
     assert _text(ui.statusLabel) == "\u00abCancelled; nothing was changed.\u00bb"
     assert _text(ui.segmentButton) == "\u00abSegment\u00bb"
+
+
+def test_volume_lists_offer_an_rgb_volume_once_and_never_diffusion_volumes(panel):
+    import slicer
+
+    from MedSegSuiteLib.slicer.parameters import Parameters, get_parameter_node
+    from MedSegSuiteLib.slicer.volumes import add_volume_node
+    from MedSegSuiteLib.volume import Volume
+
+    ui = panel.ui
+    slicer.mrmlScene.Clear(0)
+    dwi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionWeightedVolumeNode", "DWI")
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "DTI")
+    rgb = add_volume_node(Volume(np.zeros((3, 1, 8, 8), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), "Photo")
+    parameters = Parameters(get_parameter_node())
+    parameters.input_volume = None
+    panel.panel.initialize_parameter_node()
+    assert parameters.input_volume is rgb and parameters.input_volume is not dwi  # the first image, not the DWI
+    assert [ui.inputVolumeSelector.itemText(i) for i in range(ui.inputVolumeSelector.count())] == ["Photo"]
+    ui.finetuneCollapsibleButton.setCollapsed(False)
+    panel.panel.finetune.refresh_cases()
+    unlabelled = ui.finetuneUnlabelledList
+    assert [unlabelled.item(row).text() for row in range(unlabelled.count())] == ["Photo"]

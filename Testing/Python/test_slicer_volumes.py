@@ -143,3 +143,20 @@ def test_roi_finds_the_right_voxel_of_an_oblique_volume(scene):
         roi = _roi(scene, centre=tuple(lps * [-1, -1, 1]), size=(0.1, 0.1, 0.1))
         box = box_from_roi(roi, node)
         assert box.start == ijk and box.stop == tuple(v + 1 for v in ijk)
+
+
+def test_input_volumes_list_rgb_once_and_no_label_map_diffusion_or_hidden_volume(scene):
+    from MedSegSuiteLib.slicer.volumes import add_volume_node, input_volumes
+
+    grey = add_volume_node(Volume(np.zeros((2, 4, 4), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), "Grey")
+    rgb = add_volume_node(Volume(np.zeros((3, 1, 4, 4), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), "RGB")
+    assert rgb.IsA("vtkMRMLVectorVolumeNode") and rgb.IsA("vtkMRMLScalarVolumeNode")  # why RGB was listed twice
+    for cls in (
+        "vtkMRMLLabelMapVolumeNode",
+        "vtkMRMLDiffusionWeightedVolumeNode",
+        "vtkMRMLDiffusionTensorVolumeNode",
+    ):
+        assert scene.AddNewNodeByClass(cls, cls).IsA("vtkMRMLScalarVolumeNode")
+    hidden = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Hidden")
+    hidden.SetHideFromEditors(True)
+    assert input_volumes(scene) == [grey, rgb]
