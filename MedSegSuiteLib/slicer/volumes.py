@@ -49,9 +49,8 @@ def input_volumes(scene: Any) -> list[Any]:
     ``showChildNodeTypes`` off).
     """
     found = []
-    nodes = scene.GetNodesByClass("vtkMRMLVolumeNode")
-    for index in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(index)
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")):  # no collection to release
+        node = scene.GetNthNodeByClass(index, "vtkMRMLVolumeNode")
         if node.GetClassName() in INPUT_VOLUME_CLASSES and not node.GetHideFromEditors():
             found.append(node)
     return found
