@@ -116,7 +116,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndarra
     from PIL import Image
 
     resample = Image.BILINEAR if smooth else Image.NEAREST
-    return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize(size, resample))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, resample))
 
 
 def _erode(mask: np.ndarray, border: bool = False) -> np.ndarray:

@@ -199,3 +199,23 @@ def test_installed_command_shows_a_progress_bar_on_a_terminal(home, unet3d_dir, 
         errors="replace",
     )
     assert bad.returncode == 2 and bad.stderr.strip() == "medsegsuite: error: nope.nii does not exist"
+
+
+def test_shared_options_work_after_the_command_and_models_list_is_models(home, capsys, unet3d_dir):
+    assert run(capsys, "models", "import", unet3d_dir)[0] == 0
+    assert run(capsys, "models", "list")[1] == run(capsys, "models")[1]
+    assert json.loads(run(capsys, "models", "list", "--json")[1]) == json.loads(run(capsys, "models", "--json")[1])
+    assert json.loads(run(capsys, "models", "--json", "list")[1])[0]["id"] == "test-unet3d"
+    # --debug after the command shows the traceback (the error propagates), as before it.
+    for argv in (["--debug", "models", "show", "nothing"], ["models", "show", "nothing", "--debug"]):
+        with pytest.raises(Exception, match="nothing"):
+            main([str(a) for a in argv])
+    code, _, err = run(capsys, "models", "show", "nothing", "-v")
+    assert code == 2 and "nothing" in err and "Traceback" not in err
+
+
+def test_segment_summary_counts_pixels_for_photos_and_voxels_for_volumes(home, capsys, unet2d_dir, tmp_path):
+    image, _ = disc_image(48, (24, 24), 9, seed=5)
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(image[:, 0], 0, -1), isVector=True), str(tmp_path / "p.png"))
+    code, out, _ = run(capsys, "segment", tmp_path / "p.png", "-m", unet2d_dir, "-o", tmp_path / "p-labels.png")
+    assert code == 0 and "Disc: " in out and " pixels" in out and "voxels" not in out

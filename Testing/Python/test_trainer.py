@@ -151,21 +151,21 @@ def test_3d_training_with_two_labels_learns(two_balls, tmp_path):
     assert [label.value for label in entry.card.labels] == [1, 2] and entry.card.output_channels == 3
 
 
-def test_cancel_keeps_a_checkpoint_and_resume_matches_an_uninterrupted_run(discs, tmp_path):
-    torch.set_num_threads(1)
-    reference = train_model(_options(discs, tmp_path / "straight"))
+def test_cancel_keeps_a_checkpoint_and_resume_matches_an_uninterrupted_run(discs, tmp_path, single_thread):
+    short = dict(iterations=8, batch_size=2, validate_every=4)  # resuming is exact whatever the run's length
+    reference = train_model(_options(discs, tmp_path / "straight", **short))
     cancel = threading.Event()
 
     def progress(done, total, stage):
-        if stage == "training" and done == 30:
+        if stage == "training" and done == 4:
             cancel.set()
 
-    with pytest.raises(Cancelled, match="cancelled at iteration 30; the checkpoint"):
-        train_model(_options(discs, tmp_path / "paused"), progress=progress, cancel=cancel)
+    with pytest.raises(Cancelled, match="cancelled at iteration 4; the checkpoint"):
+        train_model(_options(discs, tmp_path / "paused", **short), progress=progress, cancel=cancel)
     assert (tmp_path / "paused.training" / "checkpoint.pt").is_file() and not (tmp_path / "paused").exists()
     with pytest.raises(InputError, match="holds an unfinished run; resume it"):
-        train_model(_options(discs, tmp_path / "paused"))
-    resumed = train_model(_options(discs, tmp_path / "paused"), resume=True)
+        train_model(_options(discs, tmp_path / "paused", **short))
+    resumed = train_model(_options(discs, tmp_path / "paused", **short), resume=True)
     a, b = read_weights(reference.weights_path), read_weights(resumed.weights_path)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert resumed.card.metrics[0]["value"] == pytest.approx(reference.card.metrics[0]["value"], abs=1e-4)
