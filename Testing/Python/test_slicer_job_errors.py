@@ -4,7 +4,7 @@ Refine, Finetune and Estimate time, the polling itself, Export, Undo).
 
 Each time the panel ends idle (buttons back to Segment / Refine / Start, no timer), the status line holds one
 plain sentence (no traceback), the scene is as it was before the failing step (no half-made node, an existing
-segmentation keeps its voxels), and the next job works. Runs against both Slicer API generations.
+segmentation keeps its voxels), and the next job works. Runs on Slicer 5.8's API.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import slicer_harness
 from conftest import HIDIFF_CARD, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
-from slicer_harness.fixtures import slicer_api  # noqa: F401 - a fixture
+from slicer_harness.generations import api_generation
 
 from MedSegSuiteLib.worker.client import WorkerClient
 
@@ -28,18 +28,22 @@ class Unexpected(Exception):
 
 
 @pytest.fixture
-def panel(home, tmp_path, slicer_api):  # noqa: F811 - the fixture imported above
+def panel(home, tmp_path):
+    """The module widget with a 3D model and a HiDiff model and a fake worker that holds jobs, on Slicer 5.8's API
+    (the stricter generation; the panel tests cover both)."""
     install_card(home, dict(UNET3D_CARD, weights={"file": "model.safetensors"}))
     install_card(home, HIDIFF_CARD)
-    factory = FakeWorkerFactory(hold=True)
-    widget = slicer_harness.open_module_widget(WorkerClient(process_factory=factory, temp_root=str(tmp_path)))
-    widget.factory = factory
-    yield widget
-    widget.logic.shutdown()
-    slicer_harness.unload_modules()
-    import slicer
+    slicer_harness.install()
+    with api_generation("5.8"):
+        factory = FakeWorkerFactory(hold=True)
+        widget = slicer_harness.open_module_widget(WorkerClient(process_factory=factory, temp_root=str(tmp_path)))
+        widget.factory = factory
+        yield widget
+        widget.logic.shutdown()
+        slicer_harness.unload_modules()
+        import slicer
 
-    slicer.mrmlScene.Clear(0)
+        slicer.mrmlScene.Clear(0)
 
 
 def _text(widget) -> str:
