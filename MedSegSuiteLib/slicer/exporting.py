@@ -129,7 +129,10 @@ def _has_voxels(segmentation_node: Any, segment_id: str) -> bool:
 
     labelmap = slicer.vtkOrientedImageData()
     if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap, False  # the node's own coordinates: only the voxel values matter
+        segmentation_node,
+        segment_id,
+        labelmap,
+        False,  # the node's own coordinates: only the voxel values matter
     ):
         return False
     scalars = labelmap.GetPointData().GetScalars()

@@ -747,9 +747,7 @@ class SegmentationLogic:
             self._finish(TaskStatus("failed", _("{job} failed: {error}").format(job=_job_title(task.kind), error=text)))
         elif kind == "died":
             text = message["message"][0].upper() + message["message"][1:] + "."
-            self._finish(
-                self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text)
-            )
+            self._finish(self._finetune_stopped(task, text) if task.kind == "finetune" else TaskStatus("failed", text))
 
     def _name_job_files(self, task: _Task, text: str) -> str:
         """A worker's error with the job's copy of the input volume called by the volume's name, not its file."""
@@ -847,9 +845,7 @@ class SegmentationLogic:
         scene = self.scene
         input_node = scene.GetNodeByID(task.input_node_id)
         if input_node is None:
-            return TaskStatus(
-                "failed", _("The input volume was removed while segmenting; the result was discarded.")
-            )
+            return TaskStatus("failed", _("The input volume was removed while segmenting; the result was discarded."))
         card = task.entry.card
         created, backup = None, None
         try:

@@ -255,7 +255,9 @@ def test_the_harness_translates_module_texts_in_the_context_slicer_uses(monkeypa
     from slicer_harness import i18n
 
     seen = []
-    monkeypatch.setattr(app, "translator", lambda context, text: seen.append(context) or text.replace("Segment", "SEGMENT"))
+    monkeypatch.setattr(
+        app, "translator", lambda context, text: seen.append(context) or text.replace("Segment", "SEGMENT")
+    )
     assert i18n.tr("Segment {name}") == "SEGMENT {name}"
     assert seen == ["test_slicer_api_generations"]  # a file without a package: its own name
     monkeypatch.setattr(app, "translator", lambda context, text: "Segmentieren {Name}")
