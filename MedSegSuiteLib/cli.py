@@ -138,6 +138,30 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise InputError(f"--steps must be between 0 and {MAX_STEPS}, got {steps}")
 
 
+def _check_resampled_size(volume, card, roi, overlap: Optional[float]) -> None:  # noqa: ANN001
+    """Refuse, before any work, an image whose size at the model's spacing would not fit in memory
+    (an absurd spacing in a header can turn a small image into billions of voxels and windows)."""
+    import math
+
+    from .memory import check_fits
+
+    if card.dims != 3 or card.input.spacing is None:
+        return
+    size_xyz = [b - a for a, b in zip(roi.start, roi.stop)] if roi is not None else list(volume.shape[::-1])
+    shape = [max(1, math.ceil(n * s / t)) for n, s, t in zip(size_xyz, volume.spacing, card.input.spacing)]
+    voxels = float(math.prod(shape))
+    patch = card.input.patch_xyz or (1, 1, 1)
+    overlap = card.inference.overlap if overlap is None else overlap
+    windows = math.prod(math.ceil(n / max(1, int(p * (1 - overlap)))) for n, p in zip(shape, patch))
+    needed = voxels * (4 * card.input.channels + 2 * card.output_channels + 2)  # data, accumulator, labels
+    check_fits(
+        needed,
+        f"segmenting this image at the model's spacing of {'x'.join(f'{v:g}' for v in card.input.spacing)} mm "
+        f"({' x '.join(map(str, shape))} voxels, {windows} windows)",
+        "check the voxel spacing in the image's header, segment an ROI, or use a machine with more memory",
+    )
+
+
 def _write_labels(labels, card, path, table_path) -> None:  # noqa: ANN001
     """Write a result label map: a ``.seg.nrrd`` with the card's names, colours and terminology, or a
     label map with its JSON label table at ``table_path`` (so ``export`` keeps the names later)."""
@@ -187,6 +211,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     roi = Box.parse(args.roi) if args.roi else None
     volume = read_image(args.input, series_uid=args.series_uid)
     model = load_model(args.model, ModelRegistry())
+    if args.batch_size:
+        from .models.footprint import check_batch_fits
+
+        check_batch_fits(model.card, args.batch_size)
+    _check_resampled_size(volume, model.card, roi, args.overlap)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
     log.info("segmenting %s with %s on %s", args.input, model.card.id, predictor.device)
     bar = ProgressBar(enabled=not args.quiet)
@@ -218,8 +247,8 @@ def _read_mask(path: str, card, volume):  # noqa: ANN001, ANN202
     if compound_suffix(path) in (".seg.nrrd", ".dcm"):
         return import_labels(path, card.labels, volume)
     mask = read_label_map(path)
-    if mask.grid.same_as(volume.grid, atol=1e-3):
-        return mask
+    if mask.grid.same_as(volume.grid, atol=1e-3) or compound_suffix(path) in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        return mask  # photos carry no geometry: a mask of another size is refused by the refiner
     from .io.segmentation import Segmentation
 
     segmentation = Segmentation.from_label_map(mask, None, source=str(path)).on_grid(volume.grid, what=path)
@@ -805,6 +834,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("medsegsuite: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print(
+            "medsegsuite: error: ran out of memory; nothing was written: use a smaller image or ROI, a smaller "
+            "--batch-size, or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as error:  # last resort: one line, details with --debug
         if args.debug:
             raise

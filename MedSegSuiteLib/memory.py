@@ -14,7 +14,44 @@ _HEADROOM = 0.85
 
 
 def available_bytes() -> Optional[int]:
-    """Memory the system can give this process now (bytes), or None where it cannot be told."""
+    """Memory the system can give this process now (bytes), or None where it cannot be told.
+
+    The least of the system's available memory, the room left under this process's
+    address-space limit (``ulimit -v``) and the room left in its cgroup (containers, jobs).
+    """
+    limits = [value for value in (_system_available(), _rlimit_room(), _cgroup_room()) if value is not None]
+    return min(limits) if limits else None
+
+
+def _rlimit_room() -> Optional[int]:
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        import psutil
+
+        return max(int(limit) - int(psutil.Process().memory_info().vms), 0)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _cgroup_room() -> Optional[int]:
+    root = "/sys/fs/cgroup"
+    try:
+        with open(f"{root}/memory.max", encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit == "max":
+            return None
+        with open(f"{root}/memory.current", encoding="ascii") as handle:
+            current = int(handle.read().strip())
+        return max(int(limit) - current, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _system_available() -> Optional[int]:
     try:
         import psutil
 

@@ -133,7 +133,15 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
 def _read_gif(path: Path) -> Volume:
     from PIL import Image
 
+    from ..memory import check_fits
+
     with Image.open(path) as image:
+        width, height = image.size
+        check_fits(
+            6.0 * width * height,
+            f"reading {path.name} ({width} x {height} pixels)",
+            "downsample it first, or use a machine with more memory",
+        )
         image.seek(0)
         array = np.asarray(image.convert("RGB"))
     if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
@@ -205,10 +213,12 @@ def _check_nifti_complete(path: Path) -> None:
             expected = _nifti_expected_bytes(header)
             if expected is None:
                 return
-            if compressed:
+            if compressed:  # counted up to what the header promises: a bomb is not inflated further
                 size = len(header)
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     size += len(block)
+                    if size >= expected:
+                        break
             else:
                 size = path.stat().st_size
     except (EOFError, OSError, zlib.error):
@@ -237,8 +247,8 @@ def _check_size(path: Path) -> None:
         )
     voxels = float(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
     bytes_per_value = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).dtype.itemsize
-    check_fits(
-        voxels * bytes_per_value,
+    check_fits(  # ITK's buffer and its numpy copy exist at once while reading
+        2 * voxels * bytes_per_value,
         f"reading {path.name} ({' x '.join(map(str, reader.GetSize()))} voxels)",
         "crop or downsample it first, or use a machine with more memory",
     )
@@ -283,14 +293,18 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     except OSError as error:
         raise InputError(f"cannot read {path}: {error.strerror or error}") from None
     if suffix == ".gif":
+        from PIL import Image
+
         try:
             return _read_gif(path)
+        except Image.DecompressionBombError as error:
+            raise InputError(f"refused {path}: {str(error).rstrip('.')}; downsample it first") from None
         except OSError as error:
             raise InputError(f"cannot read {path}: {error}") from None
     check_header(path, suffix)
+    _check_size(path)  # from the header alone, before a compressed file is inflated
     if suffix in (".nii", ".nii.gz"):
         _check_nifti_complete(path)
-    _check_size(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:

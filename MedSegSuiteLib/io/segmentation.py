@@ -357,8 +357,8 @@ class Segmentation:
 
         A segmentation cropped on ``target``'s own lattice (same spacing and
         direction, origin on a voxel of ``target``: what Slicer writes for segments
-        cropped to their extent) is padded back with zeros, not resampled; voxels of
-        it outside ``target`` must be empty. Resampling (nearest neighbour, layer
+        cropped to their extent) and lying within it is padded back with zeros, not
+        resampled. Resampling (nearest neighbour, layer
         by layer) happens only with ``resample`` and only when both grids cover the
         same physical region; otherwise InputError names both grids.
         """
@@ -384,7 +384,7 @@ class Segmentation:
         return Segmentation(target, layers.astype(self.layers.dtype, copy=False), self.segments)
 
     def _padded_onto(self, target: Grid, what: str) -> Optional[Segmentation]:
-        """This segmentation padded (or cut) onto ``target`` when it lies on ``target``'s lattice, else None."""
+        """This segmentation padded onto ``target`` when it is a crop of ``target``'s lattice, else None."""
         source = self.grid
         if not np.allclose(source.spacing, target.spacing, rtol=0, atol=GRID_TOLERANCE_MM) or not np.allclose(
             source.direction, target.direction, rtol=0, atol=1e-4
@@ -396,23 +396,11 @@ class Segmentation:
         if np.any(np.abs(offset_xyz - start_xyz) * spacing > GRID_TOLERANCE_MM):
             return None
         start = start_xyz[::-1].astype(int)  # z, y, x
-        size = np.asarray(source.shape)
-        lo = np.maximum(start, 0)
-        hi = np.minimum(start + size, np.asarray(target.shape))
-        if np.any(hi <= lo):
-            raise InputError(
-                f"{what} lies wholly outside the reference volume (on its lattice at voxel offset "
-                f"{tuple(int(v) for v in start_xyz)}); is it the segmentation of another image?"
-            )
-        inner = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, start, hi))
-        kept = self.layers[(slice(None), *inner)]
-        if int(np.count_nonzero(kept)) != int(np.count_nonzero(self.layers)):
-            raise InputError(
-                f"{what} has segment voxels outside the reference volume (its grid reaches beyond it on the same "
-                "lattice); is it the segmentation of another image, or of a larger crop?"
-            )
+        stop = start + np.asarray(source.shape)
+        if np.any(start < 0) or np.any(stop > np.asarray(target.shape)):
+            return None  # not a crop of the reference: it reaches beyond it
         layers = np.zeros((self.layers.shape[0], *target.shape), dtype=self.layers.dtype)
-        layers[(slice(None), *(slice(int(a), int(c)) for a, c in zip(lo, hi)))] = kept
+        layers[(slice(None), *(slice(int(a), int(b)) for a, b in zip(start, stop)))] = self.layers
         log.info("padded %s from %s onto the reference grid %s", what, source.describe(), target.describe())
         return Segmentation(target, layers, self.segments)
 

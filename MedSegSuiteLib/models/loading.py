@@ -53,6 +53,9 @@ def load_model(
     card = entry.card
     if entry.weights_path.exists():  # a missing file is named by read_weights
         weights_inside(entry.directory, card.weights_file)
+    from .footprint import check_network_fits
+
+    check_network_fits(card)  # an absurd card is refused before its network takes the memory
     network = build_network(card)
     state = read_weights(entry.weights_path, sha256=card.weights.get("sha256"), size=card.weights.get("bytes"))
     load_state_dict_strict(network, state, str(entry.weights_path))

@@ -135,7 +135,7 @@ def test_an_image_larger_than_free_memory_is_refused_before_reading_with_the_amo
     monkeypatch.setattr(memory, "available_bytes", lambda: 50_000)
     out = tmp_path / "labels.nrrd"
     code, _, err = _run(capsys, "segment", source, "-m", unet3d_dir, "-o", out)
-    _assert_refused(code, err, "reading ball.nrrd (32 x 32 x 16 voxels) needs about 64.0 kB of memory")
+    _assert_refused(code, err, "reading ball.nrrd (32 x 32 x 16 voxels) needs about 128.0 kB of memory")
     assert "only 48.8 kB is free" in err and not out.exists()
 
 
