@@ -813,10 +813,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_GLOBAL_FLAGS = ("-v", "--verbose", "--debug")
+
+
+def _global_flags_first(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``-v``/``--verbose``/``--debug`` moved before the sub-command, so they work on
+    either side of it (arguments after ``--`` are left alone)."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in _GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in _GLOBAL_FLAGS] + argv[end:]
+
+
+def _os_error_message(error: OSError) -> str:
+    """One line for an OSError that reached the top: what failed, where, and what to do."""
+    import os
+
+    reason = error.strerror or str(error) or type(error).__name__
+    where = error.filename
+    home = os.environ.get("MEDSEGSUITE_HOME")
+    if home and where is not None and str(where).startswith(home):
+        return f"{reason}: {where}; MEDSEGSUITE_HOME={home} must be a folder you can write to: point it at one"
+    if where is not None:
+        return f"{reason}: {where}; check the path, its permissions and the free disk space"
+    return f"{reason}; check the paths, their permissions and the free disk space"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null after the reader of a pipe went away (no error at exit)."""
+    import os
+
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_global_flags_first(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -825,7 +863,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `medsegsuite ... | head`: the reader has all it wanted
+        _quiet_stdout()
+        return 141
     except MedSegSuiteError as error:
         if args.debug:
             raise
@@ -842,6 +885,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "--batch-size, or a machine with more memory",
             file=sys.stderr,
         )
+        return 2
+    except OSError as error:  # the file system or environment: a missing, read-only or full place
+        if args.debug:
+            raise
+        print(f"medsegsuite: error: {_os_error_message(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # last resort: one line, details with --debug
         if args.debug:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["SeriesGeometry", "check_series", "resample_uniform"]
+__all__ = ["SeriesGeometry", "SeriesInfo", "check_series", "describe_series", "resample_uniform"]
 
 #: relative deviation from the median slice step that is resampled (above it: refused)
 UNEVEN_TOLERANCE = 0.1
@@ -40,6 +40,48 @@ class SeriesGeometry:
     rows: int
     columns: int
     bytes_per_pixel: int
+
+
+#: modalities of DICOM objects that hold no image to segment
+NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC")
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What a series is, for listing it: modality, description, number of files and of images."""
+
+    modality: str
+    description: str
+    files: int
+    images: int
+    is_image: bool
+
+    def summary(self) -> str:
+        """``MR, 'T1 axial', 120 images``."""
+        parts = [self.modality or "unknown modality"]
+        if self.description:
+            parts.append(repr(self.description))
+        parts.append(f"{self.images} image{'s' if self.images != 1 else ''}")
+        return ", ".join(parts)
+
+
+def describe_series(files: Sequence[str]) -> SeriesInfo:
+    """Modality, description and counts of a series from its first file's header (no pixels read)."""
+    modality = description = ""
+    frames = 1
+    has_pixels = True
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        modality = str(ds.get("Modality", "") or "").strip()
+        description = str(ds.get("SeriesDescription", "") or "").strip()
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        has_pixels = "Rows" in ds
+    except Exception:  # noqa: BLE001 - no pydicom or an odd header: list what is known
+        pass
+    is_image = has_pixels and modality.upper() not in NON_IMAGE_MODALITIES
+    return SeriesInfo(modality, description, len(files), len(files) * frames, is_image)
 
 
 def _numbers(value: object, count: int) -> Optional[tuple[float, ...]]:

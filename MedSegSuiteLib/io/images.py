@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import Volume
 from .atomic import atomic_output, compound_suffix
-from .dicom_series import check_series, resample_uniform
+from .dicom_series import check_series, describe_series, resample_uniform
 from .headers import check_header
 
 __all__ = ["IMAGE_SUFFIXES", "read_image", "volume_from_sitk", "volume_to_sitk", "write_image"]
@@ -78,8 +78,10 @@ def volume_to_sitk(volume: Volume):  # noqa: ANN201
 
 
 def _itk_reason(error: Exception) -> str:
+    """The line of an ITK error that says what went wrong (without ITK's source locations)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("sitk::ERROR", "/", "itk::"))]
+    lines = [line[len("sitk::ERROR:") :].strip() if line.startswith("sitk::ERROR:") else line for line in lines]
+    useful = [line for line in lines if line and not line.startswith(("/", "itk::", "Exception thrown in SimpleITK"))]
     return (useful or lines or ["unknown error"])[-1][:200]
 
 
@@ -87,17 +89,35 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    with _native_stderr_silenced():  # GDCM prints a warning of its own for a folder without series
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)))
     if not uids:
         raise InputError(f"{folder} holds no DICOM series; point to a folder of DICOM files of one series")
+    with _native_stderr_silenced():
+        found = {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    described = {uid: describe_series(names) for uid, names in found.items()}
+    images = [uid for uid in uids if described[uid].is_image]
     if series_uid is None:
-        if len(uids) > 1:
-            listing = "; ".join(f"{uid} ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in uids)
-            raise InputError(f"{folder} holds {len(uids)} DICOM series, choose one by its UID: {listing}")
-        series_uid = uids[0]
+        if not images:
+            kinds = ", ".join(sorted({described[uid].modality or "unknown" for uid in uids}))
+            raise InputError(
+                f"{folder} holds no image series, only {kinds} objects (a segmentation is not an image to segment); "
+                "point to the folder of the images"
+            )
+        if len(images) > 1:
+            listing = "; ".join(f"{uid} ({described[uid].summary()})" for uid in images)
+            raise InputError(
+                f"{folder} holds {len(images)} DICOM series of images; choose one with --series-uid UID: {listing}"
+            )
+        series_uid = images[0]
     elif series_uid not in uids:
-        raise InputError(f"DICOM series {series_uid} is not in {folder}; series there: {', '.join(uids)}")
-    files = list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
+        listing = "; ".join(f"{uid} ({described[uid].summary()})" for uid in images)
+        raise InputError(f"DICOM series {series_uid} is not in {folder}; image series there: {listing}")
+    elif not described[series_uid].is_image:
+        raise InputError(
+            f"DICOM series {series_uid} in {folder} is a {described[series_uid].modality} object, not an image series"
+        )
+    files = found[series_uid]
     geometry = check_series(folder, files)
     if geometry is not None:
         from ..memory import check_fits
