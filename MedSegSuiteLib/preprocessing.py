@@ -4,7 +4,10 @@ A model card's ``input.normalization`` is one of:
 
 - ``{"kind": "none"}``: values as stored.
 - ``{"kind": "zscore", "nonzero": false}``: per channel, subtract the mean and divide
-  by the standard deviation of the whole volume (of its non-zero voxels if ``nonzero``).
+  by the standard deviation of the whole volume. With ``nonzero`` the statistics are
+  those of the non-zero voxels and zero voxels (empty background, padding, the corners
+  of a resampled scan) stay 0, so the result does not depend on how much empty
+  background surrounds the structure.
 - ``{"kind": "scale", "divisor": 255}``: divide by a constant (8-bit photos to [0, 1]).
 - ``{"kind": "imagenet", "divisor": 255}``: divide, then subtract the ImageNet RGB mean
   and divide by its standard deviation.
@@ -75,12 +78,15 @@ def normalize(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
         return out
     if kind == "zscore":
         for c in range(out.shape[0]):
-            values = out[c][out[c] != 0] if spec["nonzero"] else out[c]
+            zero = out[c] == 0 if spec["nonzero"] else None
+            values = out[c][~zero] if zero is not None else out[c]
             if values.size == 0:
                 continue
             mean, std = float(values.mean()), float(values.std())
             out[c] -= mean
             out[c] /= std if std > 0 else 1.0
+            if zero is not None:
+                out[c][zero] = 0.0
         return out
     if kind in ("scale", "imagenet"):
         out /= float(spec["divisor"])

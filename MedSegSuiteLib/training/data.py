@@ -56,8 +56,16 @@ class Augment:
     """Random augmentation settings; probabilities in [0, 1], angles in degrees.
 
     2D: flips, rotation + isotropic scale (one affine), colour jitter for 8-bit RGB
-    (brightness, contrast, saturation), cut-out holes. 3D: flips on every axis, in-plane
-    rot90, intensity scale/shift and Gaussian noise (in normalised units).
+    (brightness, contrast, saturation), specular highlights for 8-bit RGB (``specular``:
+    share of images that get 1-4 soft white glints, as endoscope lights make on wet
+    mucosa), cut-out holes. 3D: flips on every axis, in-plane rot90, rotation about
+    every axis by up to ``rotate`` degrees with isotropic ``scale`` (one resampling of
+    image and label together), intensity scale/shift and Gaussian noise (in normalised
+    units), ``gamma`` (low, high) on the patch's intensity range, a smooth
+    multiplicative ``bias_field`` (its largest relative change), and ``fov_pad``:
+    patches may reach this many voxels past the image edge (filled with 0, the
+    normalised empty background), so a model sees structures near an image border and
+    empty surroundings.
     """
 
     flip: float = 0.5
@@ -65,10 +73,14 @@ class Augment:
     rotate_p: float = 0.5
     scale: tuple[float, float] = (1.0, 1.0)
     colour: float = 0.0
+    specular: float = 0.0
     cutout: float = 0.0
     intensity: float = 0.1
     noise: float = 0.0
     rot90: bool = True
+    gamma: tuple[float, float] = (1.0, 1.0)
+    bias_field: float = 0.0
+    fov_pad: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,7 +115,10 @@ def _prepared(items: Sequence[Item], prepare, cancel) -> Iterator[tuple]:  # noq
 
 
 class SliceStore:
-    """2D training slices resized to ``size`` (x, y): images float16 ``[N, C, h, w]``, classes uint8 ``[N, h, w]``.
+    """2D training slices resized to ``size`` (x, y): images ``[N, C, h, w]``, classes uint8 ``[N, h, w]``.
+
+    Images are kept in float16 where their values fit it (8-bit photos, normalised
+    volumes), in float32 otherwise (raw MRI intensities can exceed float16's range).
 
     ``items`` are (case id, image, label or None): 2D images or 3D volumes (their axial
     slices). Label values are mapped to class indices by ``values`` (or, if None, by
@@ -126,7 +141,7 @@ class SliceStore:
         loaded = _prepared(items, lambda i, lb: _prepare(i, lb, channels, normalization, None), cancel)
         for number, (_case_id, data, label) in enumerate(loaded):
             tensor = torch.from_numpy(data).permute(1, 0, 2, 3)  # [z, C, y, x]
-            images.append(F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False).half())
+            images.append(F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False))
             if label is None:
                 raw.append(None)
             else:
@@ -136,6 +151,8 @@ class SliceStore:
                 raw.append(resized[:, 0].numpy().astype(label.dtype))
             case_index += [number] * tensor.shape[0]
         self.images = torch.cat(images)
+        if self.images.numel() and float(self.images.abs().max()) < 60000:  # float16 holds it: half the memory
+            self.images = self.images.half()
         self._raw = raw
         self.case_index = torch.tensor(case_index)
         self.ids = [case_id for case_id, _, _ in items]
@@ -226,6 +243,8 @@ def augment_2d(
         grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
         x = (x - grey) * saturation + grey
         images = x.clamp(0, 1) * 255.0
+    if rgb8 and augment.specular > 0:
+        images = add_specular_highlights(images, augment.specular, generator)
     if augment.cutout > 0:
         h, w = images.shape[-2:]
         for b in torch.nonzero(rand(batch) < augment.cutout).flatten().tolist():
@@ -235,6 +254,31 @@ def augment_2d(
                 x0 = int(torch.randint(0, max(1, w - size), (1,), generator=generator))
                 images[b, :, y0 : y0 + size, x0 : x0 + size] = 0
     return images, classes
+
+
+def add_specular_highlights(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Blend 1-4 soft, elongated white glints into a share ``probability`` of a 0-255 RGB ``[B, 3, h, w]`` batch."""
+    batch, _, h, w = images.shape
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    chosen = torch.nonzero(rand(batch) < probability).flatten().tolist()
+    if not chosen:
+        return images
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    images = images.clone()
+    for b in chosen:
+        glint = torch.zeros(h, w)
+        for _ in range(int(torch.randint(1, 5, (1,), generator=generator))):
+            cy, cx = float(rand(1)) * h, float(rand(1)) * w
+            sy, sx = (0.005 + 0.03 * rand(2)) * min(h, w)
+            angle = float(rand(1)) * math.pi
+            dy, dx = ys - cy, xs - cx
+            u = dx * math.cos(angle) + dy * math.sin(angle)
+            v = -dx * math.sin(angle) + dy * math.cos(angle)
+            blob = torch.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+            glint = torch.maximum(glint, (blob * (1.3 + 0.7 * float(rand(1)))).clamp(max=1.0))
+        images[b] = images[b] + (255.0 - images[b]) * glint
+    return images
 
 
 class PatchStore:
@@ -302,6 +346,9 @@ class PatchStore:
                 centre = [int(torch.randint(0, s, (1,), generator=generator)) for s in shape]
             start = [int(c) - p // 2 for c, p in zip(centre, patch_zyx)]
             start = [min(max(s, min(0, n - p)), max(0, n - p)) for s, n, p in zip(start, shape, patch_zyx)]
+            if augment.fov_pad > 0:
+                pad = augment.fov_pad
+                start = [s + int(torch.randint(-pad, pad + 1, (1,), generator=generator)) for s in start]
             image_patch = _crop_pad(volume, start, patch_zyx, 0.0)
             label_patch = (
                 _crop_pad(labels[None], start, patch_zyx, 0)[0]
@@ -338,6 +385,16 @@ def augment_3d(
         if augment.rot90 and image.shape[-1] == image.shape[-2]:
             k = int(torch.randint(0, 4, (1,), generator=generator))
             image, label = torch.rot90(image, k, (2, 3)), torch.rot90(label, k, (1, 2))
+        if (augment.rotate > 0 or augment.scale != (1.0, 1.0)) and float(rand(1)) < augment.rotate_p:
+            image, label = _rotate_scale_3d(image, label, augment, generator)
+        if augment.bias_field > 0:
+            image = image * _bias_field(image.shape[1:], augment.bias_field, generator)
+        if augment.gamma != (1.0, 1.0):
+            low, high = augment.gamma
+            gamma = math.exp(float(rand(1)) * (math.log(high) - math.log(low)) + math.log(low))
+            lo, hi = float(image.min()), float(image.max())
+            if hi > lo:
+                image = ((image - lo) / (hi - lo)).pow(gamma) * (hi - lo) + lo
         if augment.intensity > 0:
             scale = 1 + (float(rand(1)) * 2 - 1) * augment.intensity
             shift = (float(rand(1)) * 2 - 1) * augment.intensity
@@ -347,3 +404,43 @@ def augment_3d(
         out_i.append(image.contiguous())
         out_c.append(label.contiguous())
     return torch.stack(out_i), torch.stack(out_c)
+
+
+def _rotate_scale_3d(
+    image: torch.Tensor, label: torch.Tensor, augment: Augment, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``[C, z, y, x]`` + ``[z, y, x]`` about all three axes and zoom, around the centre; outside is 0."""
+    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    angles = (rand(3) * 2 - 1) * math.radians(augment.rotate)
+    low, high = augment.scale
+    zoom = math.exp(float(rand(1)) * (math.log(high) - math.log(low)) + math.log(low))
+    rotation = torch.eye(3)
+    for axis, angle in enumerate(angles.tolist()):
+        c, s = math.cos(angle), math.sin(angle)
+        a, b = [i for i in range(3) if i != axis]
+        turn = torch.eye(3)
+        turn[a, a], turn[a, b], turn[b, a], turn[b, b] = c, -s, s, c
+        rotation = turn @ rotation
+    # affine_grid works in normalised (x, y, z) coordinates; keep voxels cubic for unequal patch sides
+    size = torch.tensor(image.shape[1:][::-1], dtype=torch.float32)
+    matrix = torch.diag(1 / size) @ rotation @ torch.diag(size) / zoom
+    theta = torch.cat([matrix, torch.zeros(3, 1)], 1)[None]
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    known = (label != 255).float()[None, None]
+    label_float = torch.where(label == 255, torch.zeros_like(label), label).float()[None, None]
+    label_out = F.grid_sample(label_float, grid, mode="nearest", align_corners=False)[0, 0].long()
+    if float(known.min()) == 0:
+        unknown = F.grid_sample(1 - known, grid, mode="nearest", align_corners=False)[0, 0] > 0
+        label_out[unknown] = 255
+    return image.contiguous(), label_out
+
+
+def _bias_field(shape: Sequence[int], strength: float, generator: torch.Generator) -> torch.Tensor:
+    """A smooth multiplicative field over ``shape`` (z, y, x): exp of a random quadratic, within 1 +- ``strength``."""
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
+    terms = [*axes] + [a * b for i, a in enumerate(axes) for b in axes[i:]]
+    coefficients = torch.rand(len(terms), generator=generator) * 2 - 1
+    field = sum(c * t for c, t in zip(coefficients, terms))
+    field = field / field.abs().max().clamp_min(1e-6) * math.log1p(strength)
+    return torch.exp(field)

@@ -118,6 +118,36 @@ def _labels(options: TrainOptions, found: list[int]) -> list[dict[str, Any]]:
     return [{"value": v, "name": f"Label {v}", "color": list(PALETTE[i % len(PALETTE)])} for i, v in enumerate(found)]
 
 
+def _fit_normalization(defaults: dict[str, Any], first: Any) -> dict[str, Any]:
+    """The recipe defaults with an 8-bit photo scaling replaced by a per-volume one for other data.
+
+    A fixed /255 scale suits 8-bit photographs; MRI and CT intensities (any image that
+    is not 8-bit) get a z-score over the non-zero voxels instead, which does not depend
+    on how much empty background surrounds the structure.
+    """
+    normalization = defaults["input"]["normalization"]
+    if normalization["kind"] != "scale" or first.array.dtype == np.uint8:
+        return defaults
+    log.info("the data is not 8-bit: normalising each image by the z-score of its non-zero voxels")
+    return {**defaults, "input": {**defaults["input"], "normalization": {"kind": "zscore", "nonzero": True}}}
+
+
+def _speed_settings(recipe: Any, run: dict[str, Any], dims: int) -> dict[str, bool]:
+    """Apply the run's CPU speed settings to ``recipe`` and say which were used.
+
+    ``cpu_bf16`` (bf16 autocast when training on the CPU) comes from the recipe defaults
+    or ``--recipe cpu_bf16=...``. Channels-last memory format is used for 2D networks
+    without GroupNorm (PyTorch's CPU GroupNorm backward mishandles mixed formats), unless
+    ``--recipe channels_last=False``.
+    """
+    recipe.cpu_bf16 = bool(run.get("cpu_bf16", False)) and recipe.device.type == "cpu"
+    group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in recipe.network.modules())
+    channels_last = dims == 2 and not group_norm and bool(run.get("channels_last", True))
+    if channels_last:
+        recipe.network.to(memory_format=torch.channels_last)
+    return {"cpu_bf16": recipe.cpu_bf16, "channels_last": channels_last}
+
+
 def train_model(
     options: TrainOptions,
     progress: Optional[ProgressCallback] = None,
@@ -137,7 +167,7 @@ def train_model(
     dims = options.dims or (2 if first.is_2d or 3 not in supported else 3)
     if dims not in supported:
         raise InputError(f"{options.network} trains in {supported[0]}D only")
-    defaults = module.card_defaults(dims)
+    defaults = _fit_normalization(module.card_defaults(dims), first)
     channels = int(defaults.get("channels", first.channels))
     validation = load_cases(val_cases, options.h5_spacing)
     run = dict(defaults["defaults"])
@@ -177,6 +207,8 @@ def train_model(
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
+    speed = _speed_settings(recipe, run, dims)
+    card["training"]["recipe"] = {**card["training"].get("recipe", {}), **speed}
     patch = card["input"].get("patch_xyz")
     data = TrainingData(
         store,
@@ -185,6 +217,7 @@ def train_model(
         unlabelled=extra,
         patch_zyx=tuple(reversed(patch)) if patch else None,
         foreground=float(run.get("foreground", 0.5)),
+        channels_last=speed["channels_last"],
     )
     settings = TrainingSettings(
         int(run["iterations"]), options.validate_every, seed=options.seed, max_val_cases=options.max_val_cases

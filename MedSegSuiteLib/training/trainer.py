@@ -28,6 +28,7 @@ from ..models import LoadedModel, ModelEntry, card_from_dict, save_model
 from ..models.weights import read_weights, save_weights
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
+from .prefetch import BatchPrefetcher
 from .recipes.base import Recipe, TrainingData
 
 __all__ = ["Trainer", "TrainingSettings"]
@@ -90,6 +91,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: Optional[dict[str, Any]] = None
         self.iteration = 0
+        self.train_seconds = 0.0  # time spent in training steps, validation excluded, across resumes
         self.validation_due = False  # the current iteration's validation has not finished yet
         card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
 
@@ -102,6 +104,7 @@ class Trainer:
             "best": json.dumps(self.best),
             "settings": json.dumps(asdict(self.settings)),
             "validation_due": self.validation_due,
+            "train_seconds": self.train_seconds,
         }
         with atomic_output(self.workdir / CHECKPOINT, overwrite=True) as tmp:
             torch.save(state, tmp)
@@ -117,6 +120,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.best = json.loads(state["best"])
         self.validation_due = bool(state.get("validation_due", False))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resumed training at iteration %d", self.iteration)
 
     # -- validation ----------------------------------------------------------------------
@@ -178,15 +182,25 @@ class Trainer:
     def _loop(self, progress, cancel, record) -> None:  # noqa: ANN001
         settings = self.settings
         last_checkpoint = time.monotonic()
-        log_every = max(1, settings.iterations // 200)
         if self.validation_due:  # cancelled during a validation: finish it first
             self._validate_and_keep_best(cancel, record)
             last_checkpoint = time.monotonic()
+        batches = BatchPrefetcher(self.data, lambda iteration: settings.seed * 1_000_003 + iteration)
+        try:
+            self._steps(batches, progress, cancel, record, last_checkpoint)
+        finally:
+            batches.close()
+
+    def _steps(self, batches, progress, cancel, record, last_checkpoint) -> None:  # noqa: ANN001
+        settings = self.settings
+        log_every = max(1, settings.iterations // 200)
         while self.iteration < settings.iterations:
             check_cancelled(cancel)
-            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + self.iteration)
-            parts = self.recipe.step(self.data, generator, self.iteration)
+            started = time.monotonic()
+            generator, data = batches.get(self.iteration)
+            parts = self.recipe.step(data, generator, self.iteration)
             self.iteration += 1
+            self.train_seconds += time.monotonic() - started
             if not all(np.isfinite(v) for v in parts.values()):
                 self._save_checkpoint()
                 raise InputError(
@@ -195,6 +209,14 @@ class Trainer:
                 )
             if self.iteration % log_every == 0 or self.iteration == 1:
                 record({"iteration": self.iteration, **{k: round(float(v), 6) for k, v in parts.items()}})
+                per_step = self.train_seconds / max(1, self.iteration)
+                log.info(
+                    "iteration %d/%d: loss %.4f, %.2f s per iteration",
+                    self.iteration,
+                    settings.iterations,
+                    parts.get("loss", float("nan")),
+                    per_step,
+                )
             report(progress, self.iteration, settings.iterations, "training")
             if self.iteration % settings.validate_every == 0 or self.iteration == settings.iterations:
                 self.validation_due = True
@@ -214,7 +236,13 @@ class Trainer:
     def _validate_and_keep_best(self, cancel, record) -> None:  # noqa: ANN001
         metrics = self.validate(cancel)
         self.recipe.validated(float(metrics["dice"]))
-        record({"iteration": self.iteration, "val_dice": metrics["dice"], "val_hd95": metrics["hd95"]})
+        minutes = round(self.train_seconds / 60, 2)
+        record(
+            {"iteration": self.iteration, "val_dice": metrics["dice"], "val_hd95": metrics["hd95"], "minutes": minutes}
+        )
+        log.info(
+            "iteration %d: validation Dice %.4f after %.1f training minutes", self.iteration, metrics["dice"], minutes
+        )
         if self.best is None or metrics["dice"] > self.best["dice"]:
             self.best = {**metrics, "iteration": self.iteration}
             save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)

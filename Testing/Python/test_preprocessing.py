@@ -22,6 +22,9 @@ def test_zscore_nonzero_ignores_background_and_constant_channel_does_not_divide_
     data[0, 0, :2, :2] = [[1.0, 3.0], [1.0, 3.0]]
     out = normalize(data, {"kind": "zscore", "nonzero": True})
     np.testing.assert_allclose(out[0, 0, :2, :2], [[-1, 1], [-1, 1]])
+    assert np.all(out[0, 1] == 0) and np.all(out[0, 0, 2:] == 0)  # empty background stays empty
+    padded = np.pad(data, ((0, 0), (3, 3), (3, 3), (3, 3)))  # more background, same statistics
+    np.testing.assert_allclose(normalize(padded, {"kind": "zscore", "nonzero": True})[:, 3:-3, 3:-3, 3:-3], out)
     assert np.all(np.isfinite(normalize(np.full((1, 2, 2, 2), 7.0), {"kind": "zscore"})))
 
 

@@ -108,14 +108,18 @@ def condseg_loss(
 ) -> dict[str, torch.Tensor]:
     """Stage-2 ConDSeg loss from ``ConDSeg(x, return_aux=True)`` logits and the mask ``target`` in [0, 1].
 
-    All inputs are ``[B, 1, H, W]``. The background target is ``1 - target``. Returns a dict with the
+    All inputs are ``[B, 1, H, W]``, except that with several labels ``logits`` and
+    ``target`` are ``[B, L, H, W]`` while the single-channel SID maps learn the union of
+    the labels as foreground. The background target is ``1 - foreground``. Returns a dict with the
     scalar ``"loss"`` (to back-propagate) and its parts ``"main"``, ``"fg"``, ``"bg"``,
     ``"complementarity"`` and the mean weights ``"beta_fg"``, ``"beta_bg"`` (detached, for logging).
     """
     _check_pair(logits, target)
     target = target.to(logits.dtype)
-    background = 1.0 - target
     main = dice_bce_loss(logits, target)
+    if aux_fg.shape[1] != target.shape[1]:
+        target = target.amax(dim=1, keepdim=True)  # the SID maps see every label as foreground
+    background = 1.0 - target
     if legacy_weights:
         hw = aux_fg.shape[-2] * aux_fg.shape[-1]
         beta_fg = 1.0 / (torch.tanh(torch.sigmoid(aux_fg).sum() / hw) + 1e-15)

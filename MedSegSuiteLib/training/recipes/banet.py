@@ -34,7 +34,8 @@ def card_defaults(dims: int) -> dict[str, Any]:
             "batch_size": 8,
             "iterations": 6000,
             "lr": 1e-3,
-            "augment": Augment(flip=0.5, rotate=10, rotate_p=0.5, scale=(0.67, 1.5), colour=0.1),
+            "cpu_bf16": True,
+            "augment": Augment(flip=0.5, rotate=30, rotate_p=0.5, scale=(0.67, 1.5), colour=0.2, specular=0.3),
         },
     }
 

@@ -31,6 +31,7 @@ class TrainingData:
     unlabelled: Optional[Any] = None
     patch_zyx: Optional[Sequence[int]] = None
     foreground: float = 0.5
+    channels_last: bool = False  # hand 2D image batches over in channels-last memory format
 
     def labelled_batch(
         self, generator: torch.Generator, count: Optional[int] = None
@@ -46,7 +47,10 @@ class TrainingData:
         if isinstance(store, PatchStore):
             return store.sample(generator, count, self.patch_zyx, self.augment, self.foreground)
         assert isinstance(store, SliceStore)
-        return store.sample(generator, count, self.augment, self.foreground)
+        images, classes = store.sample(generator, count, self.augment, self.foreground)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, classes
 
 
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0, momentum: float = 0.99):  # noqa: ANN001
@@ -84,6 +88,7 @@ class Recipe:
 
     network: nn.Module
     device: torch.device = torch.device("cpu")
+    cpu_bf16: bool = False  # bf16 autocast when training on the CPU
 
     def step(self, data: TrainingData, generator: torch.Generator, iteration: int) -> dict[str, float]:
         raise NotImplementedError
@@ -141,7 +146,7 @@ class SupervisedRecipe(Recipe):
         images, classes = data.labelled_batch(generator)
         images, classes = images.to(self.device), classes.to(self.device)
         self.network.train()
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, cpu=self.cpu_bf16):
             loss, parts = self.loss_fn(self.network, images, classes)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

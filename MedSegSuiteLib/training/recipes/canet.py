@@ -47,6 +47,7 @@ def card_defaults(dims: int) -> dict[str, Any]:
             "iterations": 6000,
             "lr": 1e-2,
             "foreground": 0.5,
+            "cpu_bf16": False,  # bf16 made the discriminator's loss NaN within two steps on real data
             "augment": Augment(flip=0.5, rot90=True, intensity=0.0, noise=0.0),
         },
     }
@@ -112,7 +113,7 @@ class CANetRecipe(Recipe):
             images = torch.cat([images, unlabelled])
         self.network.train()
         self.discriminator.eval()
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, cpu=self.cpu_bf16):
             sdf, logits = self.network(images)
             d_unlabelled = None
             if images.shape[0] > count:
@@ -132,9 +133,9 @@ class CANetRecipe(Recipe):
         if images.shape[0] > count:
             self.network.eval()
             self.discriminator.train()
-            with torch.no_grad(), autocast(self.device, self.amp):
+            with torch.no_grad(), autocast(self.device, self.amp, cpu=self.cpu_bf16):
                 sdf_all, _ = self.network(images)
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.amp, cpu=self.cpu_bf16):
                 d_logits = self.discriminator(sdf_all, images)
                 d_loss = discriminator_loss(d_logits.float(), [True] * count + [False] * (images.shape[0] - count))
             self.d_optimizer.zero_grad(set_to_none=True)

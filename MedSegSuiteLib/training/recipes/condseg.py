@@ -47,7 +47,10 @@ def card_defaults(dims: int) -> dict[str, Any]:
             "encoder_lr_factor": 1.0,
             "plateau_patience": 4,
             "plateau_factor": 0.3,
-            "augment": Augment(flip=0.5, rotate=35, rotate_p=0.5, scale=(0.8, 1.25), colour=0.1, cutout=0.3),
+            "cpu_bf16": True,
+            "augment": Augment(
+                flip=0.5, rotate=35, rotate_p=0.5, scale=(0.8, 1.25), colour=0.2, specular=0.3, cutout=0.3
+            ),
         },
     }
 
@@ -114,10 +117,11 @@ class ConDSegRecipe(Recipe):
         images, classes = data.labelled_batch(generator)
         images, classes = images.to(self.device), classes.to(self.device)
         strong = strong_color_augment(images.clamp(0, 1).cpu(), generator).to(self.device)
-        target, valid = _targets(classes, 1)
         self.stage1.train()
-        with autocast(self.device, self.amp):
-            parts = stage1_consistency_loss(self.stage1(images) * valid, self.stage1(strong) * valid, target * valid)
+        with autocast(self.device, self.amp, cpu=self.cpu_bf16):
+            weak_out, strong_out = self.stage1(images), self.stage1(strong)
+            target, valid = _targets(classes, weak_out.shape[1])  # one channel per label
+            parts = stage1_consistency_loss(weak_out * valid, strong_out * valid, target * valid)
         self.stage1_optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         self.stage1_optimizer.step()
@@ -131,7 +135,7 @@ class ConDSegRecipe(Recipe):
         images, classes = data.labelled_batch(generator)
         images, classes = images.to(self.device), classes.to(self.device)
         self.network.train()
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, cpu=self.cpu_bf16):
             loss, parts = supervised_loss(self.network, images, classes)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,11 @@
 The nnU-Net v2 setting the journal version was most likely trained in (spec §1.5): deep
 supervision over the full-resolution output and the four decoder heads with weights
 1, 1/2, 1/4, 1/8 and 0 for the lowest, normalised; foreground oversampling a third of
-the time; flips, in-plane rot90, intensity scale/shift and noise. Deep supervision is
+the time; flips, in-plane rot90, intensity scale/shift and noise. For real scans the
+defaults add what nnU-Net's pipeline also draws (rotation about every axis, scaling,
+gamma) plus a bias field and patches that reach past the image edge, and normalise by
+the non-zero voxels, so that added background, oblique acquisitions and coil
+inhomogeneity do not throw the model. Deep supervision is
 switched on only inside the training step, so validation and inference see one output.
 """
 
@@ -31,13 +35,24 @@ def network_config(dims: int, channels: int, num_labels: int, patch_zyx: Any = N
 
 def card_defaults(dims: int) -> dict[str, Any]:
     return {
-        "input": {"normalization": {"kind": "zscore"}, "patch_xyz": [64, 64, 64]},
+        "input": {"normalization": {"kind": "zscore", "nonzero": True}, "patch_xyz": [64, 64, 64]},
         "defaults": {
             "batch_size": 2,
             "iterations": 4000,
             "lr": 1e-2,
             "foreground": 0.33,
-            "augment": Augment(flip=0.5, rot90=True, intensity=0.1, noise=0.05),
+            "augment": Augment(
+                flip=0.5,
+                rot90=True,
+                rotate=20,
+                rotate_p=0.3,
+                scale=(0.85, 1.15),
+                intensity=0.1,
+                noise=0.05,
+                gamma=(0.7, 1.5),
+                bias_field=0.3,
+                fov_pad=12,
+            ),
         },
     }
 

@@ -40,7 +40,8 @@ def card_defaults(dims: int) -> dict[str, Any]:
             "lr": 1e-3,
             "pretrain_fraction": 0.3,
             "diff_weight": 0.0,
-            "augment": Augment(flip=0.5, rotate=180, rotate_p=0.5, scale=(0.75, 1.33), colour=0.2),
+            "cpu_bf16": True,
+            "augment": Augment(flip=0.5, rotate=180, rotate_p=0.5, scale=(0.75, 1.33), colour=0.2, specular=0.3),
         },
     }
 
@@ -118,11 +119,11 @@ class HiDiffRecipe(Recipe):
         parts: dict[str, float] = {}
         if iteration >= self.pretrain:
             target = mask_to_channels(torch.where(classes == 255, torch.zeros_like(classes), classes), net.num_classes)
-            with torch.no_grad(), autocast(self.device, self.amp):
+            with torch.no_grad(), autocast(self.device, self.amp, cpu=self.cpu_bf16):
                 feats, logits = net.segmentor.features_and_logits(images)
             feats = [f.float() for f in feats]
             prior = prior_from_logits(logits.float())
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.amp, cpu=self.cpu_bf16):
                 losses = self._diffusion_loss(images, feats, prior, target, device_generator)
             self.ref_optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -130,7 +131,7 @@ class HiDiffRecipe(Recipe):
             self.ref_optimizer.step()
             self.ref_schedule.step()
             parts.update({"refiner": float(losses["total"].detach()), "vb": float(losses["vb"].detach())})
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, cpu=self.cpu_bf16):
             feats, logits = net.segmentor.features_and_logits(images)
             loss = _segmentation_loss(logits, classes)
             if self.diff_weight > 0 and iteration >= self.pretrain:
