@@ -317,3 +317,13 @@ def test_the_distance_to_parent_penalty_keeps_the_student_nearer_its_start(unet3
             float(((p.detach() - s) ** 2).sum()) for p, s in zip(recipe.student.parameters(), start)
         )
     assert 0 < distances[50.0] < 0.5 * distances[0.0], distances
+
+
+def test_finetuning_does_not_mirror_or_turn_the_cases_unless_asked():
+    """Flips swap anatomical sides (anterior/posterior hippocampus): a parent is finetuned on cases as they come."""
+    from MedSegSuiteLib.training.finetune import _finetune_augment
+
+    recipe_augment = Augment(flip=0.5, rot90=True, intensity=0.1, noise=0.05)
+    kept = _finetune_augment(recipe_augment, {})
+    assert kept.flip == 0.0 and kept.rot90 is False and kept.intensity == 0.1 and kept.noise == 0.05
+    assert _finetune_augment(recipe_augment, {"augment": {"flip": 0.5}}).flip == 0.5
