@@ -44,6 +44,17 @@ def real_data(folder: str) -> Path:
     return path
 
 
+def announce(request: pytest.FixtureRequest, what: str) -> None:
+    """Say on the terminal, beside the test file's progress, that a slow shared fixture is being built."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or request.config.get_verbosity() < 0:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write(f"[{what}] ")
+        reporter.flush()
+
+
 def official_manifest(name: str) -> list[tuple[str, tuple[int, ...], str]]:
     """``(key, shape, dtype)`` rows of an official state_dict manifest in ``../shared/specs/keys``
     (dtype "" where the manifest has no dtype column); the test is skipped when it is absent."""
@@ -183,7 +194,7 @@ UNET2D_CARD = {
 
 
 @pytest.fixture(scope="session")
-def unet3d_dir(tmp_path_factory) -> Path:
+def unet3d_dir(tmp_path_factory, request) -> Path:
     """A model folder with a 3D U-Net trained for a few seconds to find bright balls."""
     from MedSegSuiteLib import networks
     from MedSegSuiteLib.models import save_model
@@ -202,6 +213,7 @@ def unet3d_dir(tmp_path_factory) -> Path:
             ys.append(mask)
         return torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys)).long()
 
+    announce(request, "training the test 3D U-Net, once per run")
     _train(network, batches, steps=150)
     directory = tmp_path_factory.mktemp("models") / "test-unet3d"
     save_model(directory, network, UNET3D_CARD)
@@ -209,7 +221,7 @@ def unet3d_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def unet2d_dir(tmp_path_factory) -> Path:
+def unet2d_dir(tmp_path_factory, request) -> Path:
     """A model folder with a 2D U-Net trained for a few seconds to find reddish discs in RGB images."""
     from MedSegSuiteLib import networks
     from MedSegSuiteLib.models import save_model
@@ -226,6 +238,7 @@ def unet2d_dir(tmp_path_factory) -> Path:
             ys.append(mask[0])
         return torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).long()
 
+    announce(request, "training the test 2D U-Net, once per run")
     _train(network, batches, steps=60)
     directory = tmp_path_factory.mktemp("models") / "test-unet2d"
     save_model(directory, network, UNET2D_CARD)
@@ -310,7 +323,7 @@ def grey_disc(size: int, centre_yx, radius: float, seed: int = 0) -> tuple[np.nd
 
 
 @pytest.fixture(scope="session")
-def hidiff_dir(tmp_path_factory) -> Path:
+def hidiff_dir(tmp_path_factory, request) -> Path:
     """A HiDiff lite model (segmentor + refiner) trained briefly on 32x32 grey discs (once per test run)."""
     from PIL import Image
 
@@ -339,4 +352,5 @@ def hidiff_dir(tmp_path_factory) -> Path:
         recipe={"pretrain_fraction": 0.25},
         data_licence="CC0-1.0 (synthetic)",
     )
+    announce(request, "training the test HiDiff model, once per run")
     return train_model(options).directory
