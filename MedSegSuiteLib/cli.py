@@ -139,52 +139,24 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _check_resampled_size(volume, card, roi, overlap: Optional[float]) -> None:  # noqa: ANN001
-    """Refuse, before any work, an image whose size at the model's spacing would not fit in memory
-    (an absurd spacing in a header can turn a small image into billions of voxels and windows)."""
-    import math
+    """See :func:`MedSegSuiteLib.batch.check_resampled_size`."""
+    from .batch import check_resampled_size
 
-    from .memory import check_fits
-
-    if card.dims != 3 or card.input.spacing is None:
-        return
-    size_xyz = [b - a for a, b in zip(roi.start, roi.stop)] if roi is not None else list(volume.shape[::-1])
-    shape = [max(1, math.ceil(n * s / t)) for n, s, t in zip(size_xyz, volume.spacing, card.input.spacing)]
-    voxels = float(math.prod(shape))
-    patch = card.input.patch_xyz or (1, 1, 1)
-    overlap = card.inference.overlap if overlap is None else overlap
-    windows = math.prod(math.ceil(n / max(1, int(p * (1 - overlap)))) for n, p in zip(shape, patch))
-    needed = voxels * (4 * card.input.channels + 2 * card.output_channels + 2)  # data, accumulator, labels
-    check_fits(
-        needed,
-        f"segmenting this image at the model's spacing of {'x'.join(f'{v:g}' for v in card.input.spacing)} mm "
-        f"({' x '.join(map(str, shape))} voxels, {windows} windows)",
-        "check the voxel spacing in the image's header, segment an ROI, or use a machine with more memory",
-    )
+    check_resampled_size(volume, card, roi, overlap)
 
 
 def _write_labels(labels, card, path, table_path) -> None:  # noqa: ANN001
-    """Write a result label map: a ``.seg.nrrd`` with the card's names, colours and terminology, or a
-    label map with its JSON label table at ``table_path`` (so ``export`` keeps the names later)."""
-    from .io import write_image
-    from .io.atomic import compound_suffix
+    """See :func:`MedSegSuiteLib.batch.write_labels` (names, colours and terminology from the card)."""
+    from .batch import write_labels
 
-    if compound_suffix(path) == ".seg.nrrd":
-        from .io.seg_nrrd import write_seg_nrrd
-        from .io.segmentation import Segmentation
-
-        segmentation = Segmentation.from_label_map(labels, card.labels, source=f"the result of {card.id}")
-        write_seg_nrrd(segmentation, path, overwrite=True)
-        return
-    write_image(labels, path, overwrite=True)
-    if table_path is not None:
-        from .io.label_table import write_label_table
-
-        write_label_table(card.labels, table_path, overwrite=True)
+    write_labels(labels, card.labels, path, table_path, source=f"the result of {card.id}")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
+    from .batch import is_batch_input
     from .errors import InputError
     from .export import table_path_for
     from .geometry import Box
@@ -193,6 +165,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .io.atomic import atomic_outputs, check_targets, compound_suffix
     from .models import ModelRegistry, load_model
 
+    if len(args.model) > 1 or args.shard or is_batch_input(args.input):
+        return _segment_batch(args)
+    model_name = args.model[0]
     output = Path(args.output)
     slicer_file = compound_suffix(output) == ".seg.nrrd"
     table = None if slicer_file else table_path_for(output)  # a label map gets its label table beside it
@@ -210,19 +185,32 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     check_targets(targets, overwrite=args.overwrite)
     roi = Box.parse(args.roi) if args.roi else None
     volume = read_image(args.input, series_uid=args.series_uid)
-    model = load_model(args.model, ModelRegistry())
+    model = load_model(model_name, ModelRegistry())
     if args.batch_size:
         from .models.footprint import check_batch_fits
 
         check_batch_fits(model.card, args.batch_size)
     _check_resampled_size(volume, model.card, roi, args.overlap)
+    from .io.photos import prepare_photo
+
+    shown, put_back, changes = prepare_photo(args.input, volume, model.card.input.normalization)
+    if roi is not None and shown.shape != volume.shape:
+        raise InputError("--roi cannot be used with a photo its EXIF orientation turns; rotate the file first")
+    for change in changes:
+        print(f"note: {Path(args.input).name}: {change}", file=sys.stderr)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
     log.info("segmenting %s with %s on %s", args.input, model.card.id, predictor.device)
     bar = ProgressBar(enabled=not args.quiet)
     try:
-        result = predictor.predict(volume, roi=roi, scores=bool(args.scores), progress=bar)
+        result = predictor.predict(shown, roi=roi, scores=bool(args.scores), progress=bar)
     finally:
         bar.close()
+    if changes:
+        result = dataclasses.replace(
+            result,
+            labels=put_back(result.labels),
+            scores=None if result.scores is None else put_back(result.scores),
+        )
     with atomic_outputs(targets, overwrite=args.overwrite) as temps:
         _write_labels(result.labels, model.card, temps[0], temps[1] if table else None)
         if args.scores:
@@ -234,6 +222,84 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         unit = "pixels" if volume.is_2d else "voxels"
         print(f"wrote {output} ({', '.join(f'{name}: {n} {unit}' for name, n in counts.items())})")
     return 0
+
+
+def _segment_batch(args: argparse.Namespace) -> int:
+    """``segment`` over many cases (a folder, list or CSV), several models (-m ...) or one shard."""
+    from pathlib import Path
+
+    from .batch import BatchSegmenter, find_cases, parse_shard, select_shard, write_summary
+    from .errors import InputError
+    from .inference import Predictor
+    from .io.atomic import compound_suffix
+    from .models import ModelRegistry, load_model
+
+    for option, given in (("--roi", args.roi), ("--scores", args.scores), ("--series-uid", args.series_uid)):
+        if given:
+            raise InputError(f"{option} applies to one image; leave it out when segmenting many cases or models")
+    output = Path(args.output)
+    if compound_suffix(output) or (output.exists() and not output.is_dir()):
+        raise InputError(f"-o {output}: name a folder for the results of many cases or several models")
+    _check_counts(args)
+    shard = parse_shard(args.shard) if args.shard else None
+    cases = find_cases(args.input)
+    chosen = select_shard(cases, *shard) if shard else cases
+    registry = ModelRegistry()
+    predictors = []
+    for name in args.model:
+        model = load_model(name, registry)
+        if args.batch_size:
+            from .models.footprint import check_batch_fits
+
+            check_batch_fits(model.card, args.batch_size)
+        predictors.append(
+            Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
+        )
+    models = [p.card.id for p in predictors]
+    where = f" (shard {shard[0]}/{shard[1]} of {len(cases)})" if shard else ""
+    log.info("segmenting %d case(s)%s with %s", len(chosen), where, ", ".join(models))
+    cases_bar, windows_bar = ProgressBar(enabled=not args.quiet), ProgressBar(enabled=not args.quiet)
+    done: list = []
+
+    def on_case(outcome) -> None:  # noqa: ANN001
+        done.append(outcome)
+        write_summary(done, output, models, shard)  # kept current: a crash leaves the summary of finished cases
+        if not args.quiet:
+            windows_bar.close()
+            reason = f": {outcome.error}" if outcome.error else ""
+            print(f"[{len(done)}/{len(chosen)}] {outcome.id}: {outcome.status} ({outcome.seconds:.1f} s){reason}")
+
+    segmenter = BatchSegmenter(
+        predictors, output, overwrite=args.overwrite, progress=cases_bar, window_progress=windows_bar, on_case=on_case
+    )
+    try:
+        outcomes = segmenter.run(chosen)
+    finally:
+        windows_bar.close()
+        cases_bar.close()
+    csv_path, json_path = write_summary(outcomes, output, models, shard)
+    failed = [o for o in outcomes if o.status == "failed"]
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(
+        f"{len(outcomes) - len(failed) - skipped} case(s) segmented, {skipped} already complete, "
+        f"{len(failed)} failed{where}; summary in {csv_path} and {json_path}"
+    )
+    for outcome in failed:
+        print(f"medsegsuite: case {outcome.id} failed: {outcome.error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .batch import merge_summaries
+
+    csv_path, json_path, counts = merge_summaries(Path(args.folder))
+    print(
+        f"merged {sum(counts.values())} case(s) ({counts['done']} segmented, {counts['skipped']} already complete, "
+        f"{counts['failed']} failed) into {csv_path} and {json_path}"
+    )
+    return 2 if counts["failed"] else 0
 
 
 # -- refine ----------------------------------------------------------------------------------
@@ -648,15 +714,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "input",
         help="NIfTI (.nii, .nii.gz), NRRD, MetaImage (.mha, .mhd), a DICOM series folder or file, "
-        "or a 2D PNG, JPEG, TIFF, BMP or GIF image",
+        "or a 2D PNG, JPEG, TIFF, BMP or GIF image; or many cases: a folder of images and DICOM series "
+        "folders, a list file (.txt, one path per line) or a CSV with an 'image' (and 'id') column",
     )
-    seg.add_argument("-m", "--model", required=True, help="model id (see `medsegsuite models`) or model folder")
+    seg.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        action="append",
+        help="model id (see `medsegsuite models`) or model folder; give -m several times to compare models "
+        "(each writes into OUTPUT/<model id>/, the summary adds their Dice and a disagreement map)",
+    )
     seg.add_argument(
         "-o",
         "--output",
         required=True,
         help="label map to write: .nrrd, .nii.gz, .nii, .mha, or .png/.tif for 2D images (a .png holds the label "
-        "values 0, 1, 2..., so it looks black in a photo viewer)",
+        "values 0, 1, 2..., so it looks black in a photo viewer); for many cases or models a folder that gets "
+        "<case id>.nii.gz per case and summary.csv/summary.json",
     )
     seg.add_argument("--device", default="auto", help=DEVICE_HELP)
     seg.add_argument("--roi", help="segment only inside x0,y0,z0,x1,y1,z1 (voxel indices, end exclusive)")
@@ -665,9 +740,25 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, help="3D window overlap in [0, 1)")
     seg.add_argument("--fast", action="store_true", help="quicker 3D inference (the model's fast settings)")
     seg.add_argument("--series-uid", help="DICOM series to read when the folder holds several")
-    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    seg.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="segment only every N-th case starting at case I (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/4; "
+        "join the shards' summaries with `medsegsuite merge`",
+    )
+    seg.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (many cases: recompute cases an earlier run completed)",
+    )
     seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     seg.set_defaults(func=_cmd_segment)
+
+    merge = commands.add_parser(
+        "merge", help="join the summaries of `segment --shard` runs into one summary.csv and summary.json"
+    )
+    merge.add_argument("folder", help="the output folder the shards wrote into")
+    merge.set_defaults(func=_cmd_merge)
 
     ref = commands.add_parser("refine", help="HiDiff refinement steps starting from a (corrected) mask")
     ref.add_argument("input", help="the image the mask belongs to (any format `segment` reads)")

@@ -52,11 +52,11 @@ def _stem(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _images_in(folder: Path, labels: bool = False) -> list[Path]:
+    """Image files in ``folder``; with ``labels`` also Slicer ``.seg.nrrd`` segmentations."""
+    suffixes = IMAGE_SUFFIXES + ((".seg.nrrd",) if labels else ())
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and compound_suffix(p) in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in folder.iterdir() if p.is_file() and compound_suffix(p) in suffixes and not p.name.startswith(".")
     )
 
 
@@ -121,7 +121,7 @@ def discover_cases(source: PathLike, require_labels: bool = True) -> list[Case]:
                 )
             cases = [Case(_stem(p), p) for p in images]
         else:
-            labels = {_stem(p): p for p in _images_in(label_dir)} if label_dir is not None else {}
+            labels = {_stem(p): p for p in _images_in(label_dir, labels=True)} if label_dir is not None else {}
             cases, missing = [], []
             for image in _images_in(image_dir):
                 label = labels.get(_stem(image))
