@@ -162,6 +162,10 @@ def describe_model(card: Any) -> str:
         if before is not None and after is not None:
             split = (card.training or {}).get("finetune", {}).get("split") or before.get("split", "")
             line += f": Dice {before['value']:.3f} before, {after['value']:.3f} after ({escape(str(split))})"
+        verdict = (card.training or {}).get("finetune", {}).get("verdict")
+        if isinstance(verdict, dict) and not verdict.get("selected", True):
+            outcome = "its gain was not checked" if verdict.get("outcome") == "not checked" else "not better"
+            line += f"; <b>{outcome}, not selected</b>"
         lines.append(line)
         metrics = [m for m in metrics if m["name"] not in ("dice_before_finetuning", "dice")]
     if metrics:

@@ -1,6 +1,6 @@
 """Finetuning the bundled D-Net hippocampus model on real MRI (MSD Task04) does not make it worse.
 
-Slow (about half a minute on two busy CPU cores) and skipped without ``msd_hippocampus``
+Slow (about a minute on two CPU cores shared with other work) and skipped without ``msd_hippocampus``
 in the real-data folder (``../shared/data`` beside the clone, or ``$MEDSEGSUITE_DATA``)
 or without the bundled model ``Resources/Models/hippocampus-dnet-lite``. The cases come
 from the model card's validation split, which the model was never trained on:
@@ -26,7 +26,7 @@ from conftest import SHARED_DATA
 
 MODEL_ID = "hippocampus-dnet-lite"
 DATA = SHARED_DATA / "msd_hippocampus"
-ITERATIONS = 6
+ITERATIONS = 4
 UNSEEN_NOISE = 0.005
 
 pytestmark = pytest.mark.skipif(

@@ -200,6 +200,9 @@ def test_a_model_worse_than_its_parent_is_reported_as_such_and_segment_keeps_the
         assert _text(ui.finetuneLossLabel).startswith(f"<b>{words}</b>")
         assert ui.modelSelector.currentData() == "test-unet3d"  # not selected
         assert ui.modelSelector.findData("test-unet3d-ft-1") >= 0  # but listed: the user may still choose it
+        ui.modelSelector.setCurrentIndex(ui.modelSelector.findData("test-unet3d-ft-1"))
+        assert "Dice 0.830 before, 0.800 after" in _text(ui.modelInfoLabel)
+        assert "<b>not better, not selected</b>" in _text(ui.modelInfoLabel)
     finally:
         widget.logic.shutdown()
         slicer_harness.unload_modules()
