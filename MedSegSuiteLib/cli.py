@@ -439,7 +439,11 @@ def _config(items: Sequence[str]) -> dict[str, Any]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .training.distributed import start
     from .training.jobs import TrainOptions, train_model
+
+    context, args.device = start(args.device)  # under torchrun: join the other processes
+    main_rank = context is None or context.is_main
 
     options = TrainOptions(
         network=args.network,
@@ -468,11 +472,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         labelled_cases=args.labelled_cases,
         recipe=_config(args.recipe),
     )
-    bar = ProgressBar(enabled=not args.quiet)
+    bar = ProgressBar(enabled=not args.quiet and main_rank)
     try:
         entry = train_model(options, progress=bar, resume=args.resume, overwrite=args.overwrite, on_log=bar.note)
     finally:
         bar.close()
+    if entry is None:  # another rank wrote the model
+        return 0
     dice = next((m["value"] for m in entry.card.metrics if m["name"] == "dice"), None)
     print(f"wrote {entry.directory} (validation Dice {dice})")
     return 0
@@ -482,8 +488,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .training.distributed import start
     from .training.finetune import FinetuneOptions, finetune_model
 
+    context, args.device = start(args.device)  # under torchrun: join the other processes
     options = FinetuneOptions(
         parent=args.model,
         labelled=args.labelled,
@@ -500,11 +508,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         h5_spacing=_numbers(args.h5_spacing, 3, float, "--h5-spacing") or (1.0, 1.0, 1.0),
         keep_if_worse=args.keep_if_worse,
     )
-    bar = ProgressBar(enabled=not args.quiet)
+    bar = ProgressBar(enabled=not args.quiet and (context is None or context.is_main))
     try:
         entry = finetune_model(options, progress=bar, resume=args.resume)
     finally:
         bar.close()
+    if entry is None:  # another rank wrote and registered the model
+        return 0
     print(_finetune_report(entry))
     return 0
 

@@ -160,8 +160,9 @@ def finetune_model(
     cancel: Optional[threading.Event] = None,
     resume: bool = False,
     on_log: Optional[Callable[[dict[str, Any]], None]] = None,
-) -> ModelEntry:
-    """Finetune ``options.parent`` and register the new model in the user folder; returns its entry.
+) -> Optional[ModelEntry]:
+    """Finetune ``options.parent`` and register the new model in the user folder; returns its entry
+    (None on the ranks other than 0 of a torchrun job: rank 0 writes and registers it).
 
     The held-back labelled cases decide: the new card's ``training.finetune.verdict``
     (see :class:`~.verdict.FinetuneVerdict`) says whether it beat its parent there and
@@ -282,6 +283,8 @@ def finetune_model(
     baseline = before if options.keep_parent_weights else None
     trainer = Trainer(recipe, data, new_card, validation, settings, output, baseline=baseline)
     entry = trainer.run(progress, cancel, resume=resume, on_log=on_log)
+    if entry is None:  # another rank of a torchrun job wrote and registers the model
+        return None
     kept_parent = baseline is not None and trainer.best is not None and trainer.best.get("iteration") == 0
     verdict = _record_verdict(entry, len(held_out), kept_parent, options.keep_if_worse)
     log.info("finetuned %s -> %s: %s", card.id, model_id, verdict.sentence(card.id))

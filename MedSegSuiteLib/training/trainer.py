@@ -28,6 +28,7 @@ from ..models import LoadedModel, ModelEntry, card_from_dict, save_model
 from ..models.weights import read_weights, save_weights
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
+from .distributed import RankShare, current, wrap_network
 from .prefetch import BatchPrefetcher
 from .recipes.base import Recipe, TrainingData
 
@@ -93,10 +94,17 @@ class Trainer:
         self.iteration = 0
         self.train_seconds = 0.0  # time spent in training steps, validation excluded, across resumes
         self.validation_due = False  # the current iteration's validation has not finished yet
+        # under torchrun: DDP-wrapped network, rank 0 alone validates and writes (see .distributed)
+        self.distributed = current()
+        self.is_main = self.distributed is None or self.distributed.is_main
+        if self.distributed is not None:
+            wrap_network(self.recipe.network, self.distributed)
         card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
 
     # -- state ---------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
         state = {
             "iteration": self.iteration,
             "recipe": self.recipe.state_dict(),
@@ -112,9 +120,12 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.workdir / CHECKPOINT
-        if not path.is_file():
+        readable = self.is_main and path.is_file()
+        state = torch.load(str(path), map_location="cpu", weights_only=True) if readable else None
+        if self.distributed is not None:
+            state = self.distributed.broadcast(state)  # rank 0's checkpoint, on every rank
+        if state is None:
             raise InputError(f"nothing to resume: {path} does not exist")
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
         self.recipe.load_state_dict(state["recipe"])
         self.iteration = int(state["iteration"])
         self.history = json.loads(state["history"])
@@ -145,8 +156,9 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         on_log: Optional[Callable[[dict[str, Any]], None]] = None,
-    ) -> ModelEntry:
-        """Train to the end (or until ``cancel``), then write the best model to ``output`` and return it.
+    ) -> Optional[ModelEntry]:
+        """Train to the end (or until ``cancel``), then write the best model to ``output`` and return it
+        (under torchrun only rank 0 writes and returns it; the other ranks return None).
 
         On cancel a checkpoint is written and :class:`Cancelled` raised; ``resume=True``
         continues from it. ``on_log`` receives each loss/validation record as it is made.
@@ -159,7 +171,8 @@ class Trainer:
             raise InputError(
                 f"{self.workdir} holds an unfinished run; resume it (--resume) or delete that folder to start again"
             )
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
 
         def record(entry: dict[str, Any]) -> None:
@@ -185,7 +198,8 @@ class Trainer:
         if self.validation_due:  # cancelled during a validation: finish it first
             self._validate_and_keep_best(cancel, record)
             last_checkpoint = time.monotonic()
-        batches = BatchPrefetcher(self.data, lambda iteration: settings.seed * 1_000_003 + iteration)
+        data = self.data if self.distributed is None else RankShare(self.data, self.distributed)
+        batches = BatchPrefetcher(data, lambda iteration: settings.seed * 1_000_003 + iteration)
         try:
             self._steps(batches, progress, cancel, record, last_checkpoint)
         finally:
@@ -195,10 +209,15 @@ class Trainer:
         settings = self.settings
         log_every = max(1, settings.iterations // 200)
         while self.iteration < settings.iterations:
-            check_cancelled(cancel)
+            if self.distributed is None:
+                check_cancelled(cancel)
             started = time.monotonic()
             generator, data = batches.get(self.iteration)
             parts = self.recipe.step(data, generator, self.iteration)
+            if self.distributed is not None:  # every rank logs the mean, and stops when any rank is cancelled
+                parts, stop = self.distributed.mean(parts, cancel is not None and cancel.is_set())
+                if stop:
+                    raise Cancelled("training cancelled")
             self.iteration += 1
             self.train_seconds += time.monotonic() - started
             if not all(np.isfinite(v) for v in parts.values()):
@@ -217,7 +236,8 @@ class Trainer:
                     parts.get("loss", float("nan")),
                     per_step,
                 )
-            report(progress, self.iteration, settings.iterations, "training")
+            if self.is_main:
+                report(progress, self.iteration, settings.iterations, "training")
             if self.iteration % settings.validate_every == 0 or self.iteration == settings.iterations:
                 self.validation_due = True
                 self._validate_and_keep_best(cancel, record)
@@ -230,11 +250,14 @@ class Trainer:
         baseline = dict(self.baseline or {})
         baseline["per_label"] = {str(value): m for value, m in baseline.get("per_label", {}).items()}
         self.best = {**baseline, "iteration": 0}
-        save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
+        if self.is_main:
+            save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
         record({"iteration": 0, "val_dice": baseline["dice"], "val_hd95": baseline.get("hd95")})
 
     def _validate_and_keep_best(self, cancel, record) -> None:  # noqa: ANN001
-        metrics = self.validate(cancel)
+        metrics = self.validate(cancel) if self.is_main else None
+        if self.distributed is not None:
+            metrics = self.distributed.broadcast(metrics)  # one validation, one best-model decision
         self.recipe.validated(float(metrics["dice"]))
         minutes = round(self.train_seconds / 60, 2)
         record(
@@ -245,11 +268,22 @@ class Trainer:
         )
         if self.best is None or metrics["dice"] > self.best["dice"]:
             self.best = {**metrics, "iteration": self.iteration}
-            save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
+            if self.is_main:
+                save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
         self.validation_due = False
         self._save_checkpoint()
 
-    def _finish(self, seconds: float, overwrite: bool) -> ModelEntry:
+    def _finish(self, seconds: float, overwrite: bool) -> Optional[ModelEntry]:
+        """Rank 0 (or the only process) writes the model and returns its entry; other ranks wait for it
+        and return None."""
+        if self.distributed is None:
+            return self._write_model(seconds, overwrite)
+        try:
+            return self._write_model(seconds, overwrite) if self.is_main else None
+        finally:
+            self.distributed.barrier()
+
+    def _write_model(self, seconds: float, overwrite: bool) -> ModelEntry:
         assert self.best is not None
         self.recipe.network.load_state_dict(read_weights(self.workdir / BEST))
         self.recipe.network.eval()
