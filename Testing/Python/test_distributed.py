@@ -31,10 +31,10 @@ def discs(tmp_path_factory) -> Path:
     return root
 
 
-def _train(data: Path, output: Path, processes: int, home: Path) -> subprocess.CompletedProcess:
+def _train(data: Path, output: Path, processes: int, home: Path, *extra: str) -> subprocess.CompletedProcess:
     args = ["train", "--network", "unet", "--data", str(data), "-o", str(output), "--iterations", "4"]
     args += ["--batch-size", "4", "--size", "32,32", "--validate-every", "2", "--device", "cpu", "-q"]
-    args += ["--labels", "1:Disc", "--seed", "3"]
+    args += ["--labels", "1:Disc", "--seed", "3", *extra]
     if processes == 1:
         command = [sys.executable, "-m", "MedSegSuiteLib", *args]
     else:
@@ -78,3 +78,44 @@ def test_two_gloo_processes_match_one_process_and_write_one_model(discs, tmp_pat
     b = read_weights(tmp_path / "two" / "model" / "model.safetensors")
     difference = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
     assert difference / sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5 < 0.02
+
+
+def test_two_processes_resume_a_checkpoint_and_finish_like_an_uninterrupted_run(discs, tmp_path, single_thread):
+    import threading
+
+    from MedSegSuiteLib.errors import Cancelled
+    from MedSegSuiteLib.training.jobs import TrainOptions, train_model
+
+    def options(output: Path) -> TrainOptions:  # what `_train`'s command line asks for
+        return TrainOptions(
+            network="unet",
+            data=discs,
+            output=output,
+            model_id=output.name,
+            labels=[{"value": 1, "name": "Disc"}],
+            iterations=4,
+            batch_size=4,
+            size_xy=(32, 32),
+            device="cpu",
+            validate_every=2,
+            seed=3,
+        )
+
+    reference = train_model(options(tmp_path / "full" / "model"))
+    cancel = threading.Event()
+
+    def stop_after_two(done: int, total: int, stage: str) -> None:
+        if stage == "training" and done == 2:
+            cancel.set()
+
+    (tmp_path / "two").mkdir()
+    with pytest.raises(Cancelled):
+        train_model(options(tmp_path / "two" / "model"), progress=stop_after_two, cancel=cancel)
+    assert (tmp_path / "two" / "model.training" / "checkpoint.pt").is_file()
+    resumed = _train(discs, tmp_path / "two" / "model", 2, tmp_path / "home", "--resume")
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["model"], "the work folder is gone"
+    full = [e["loss"] for e in _log(reference.directory) if "loss" in e]
+    after = [e["loss"] for e in _log(tmp_path / "two" / "model") if "loss" in e]
+    assert len(after) == 4, "the resumed run keeps the first two iterations' records and adds two"
+    np.testing.assert_allclose(after, full, rtol=0.01)
