@@ -132,6 +132,18 @@ def _fit_normalization(defaults: dict[str, Any], first: Any) -> dict[str, Any]:
     return {**defaults, "input": {**defaults["input"], "normalization": {"kind": "zscore", "nonzero": True}}}
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A recipe option's truth value: booleans, 0/1, or true/false/yes/no/on/off in any case."""
+    if isinstance(value, (bool, int)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise InputError(f"--recipe {name}= takes true or false, got {value!r}")
+
+
 def _speed_settings(recipe: Any, run: dict[str, Any], dims: int) -> dict[str, bool]:
     """Apply the run's CPU speed settings to ``recipe`` and say which were used.
 
@@ -140,9 +152,9 @@ def _speed_settings(recipe: Any, run: dict[str, Any], dims: int) -> dict[str, bo
     without GroupNorm (PyTorch's CPU GroupNorm backward mishandles mixed formats), unless
     ``--recipe channels_last=False``.
     """
-    recipe.cpu_bf16 = bool(run.get("cpu_bf16", False)) and recipe.device.type == "cpu"
+    recipe.cpu_bf16 = _flag(run.get("cpu_bf16", False), "cpu_bf16") and recipe.device.type == "cpu"
     group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in recipe.network.modules())
-    channels_last = dims == 2 and not group_norm and bool(run.get("channels_last", True))
+    channels_last = dims == 2 and not group_norm and _flag(run.get("channels_last", True), "channels_last")
     if channels_last:
         recipe.network.to(memory_format=torch.channels_last)
     return {"cpu_bf16": recipe.cpu_bf16, "channels_last": channels_last}
