@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 
-__all__ = ["DistributedContext", "RankShare", "current", "start", "wrap_network"]
+__all__ = ["DistributedContext", "RankShare", "current", "start", "wrap_network", "wrap_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,19 @@ def wrap_network(network: nn.Module, context: DistributedContext) -> nn.Module:
     ddp = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
     network.forward = types.MethodType(_routed_forward(network, ddp), network)  # type: ignore[method-assign]
     return ddp
+
+
+def wrap_recipe(recipe: Any, context: DistributedContext) -> list[nn.Module]:
+    """Wrap (see :func:`wrap_network`) every network of ``recipe`` that has trainable parameters: the
+    validated ``network`` itself, or the student of a mean-teacher recipe whose ``network`` is the
+    EMA teacher. Returns the DDP modules; InputError when the recipe trains nothing it exposes."""
+    trainable: dict[int, nn.Module] = {}
+    for value in vars(recipe).values():
+        if isinstance(value, nn.Module) and any(p.requires_grad for p in value.parameters()):
+            trainable.setdefault(id(value), value)
+    if not trainable:
+        raise InputError(f"{type(recipe).__name__} exposes no trainable network; it cannot train under torchrun")
+    return [wrap_network(network, context) for network in trainable.values()]
 
 
 def _share(value: Any, rank: int, world: int, count: int) -> Any:

@@ -28,7 +28,7 @@ from ..models import LoadedModel, ModelEntry, card_from_dict, save_model
 from ..models.weights import read_weights, save_weights
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
-from .distributed import RankShare, current, wrap_network
+from .distributed import RankShare, current, wrap_recipe
 from .prefetch import BatchPrefetcher
 from .recipes.base import Recipe, TrainingData
 
@@ -98,7 +98,7 @@ class Trainer:
         self.distributed = current()
         self.is_main = self.distributed is None or self.distributed.is_main
         if self.distributed is not None:
-            wrap_network(self.recipe.network, self.distributed)
+            wrap_recipe(self.recipe, self.distributed)
         card_from_dict({**self.card, "weights": {"file": "model.safetensors"}}, source="the training card")
 
     # -- state ---------------------------------------------------------------------------
