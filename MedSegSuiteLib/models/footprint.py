@@ -60,12 +60,14 @@ def _check_config_sizes(card: ModelCard) -> None:
             )
 
 
-def check_network_fits(card: ModelCard) -> Optional[nn.Module]:
+def check_network_fits(card: ModelCard, weights_bytes: Optional[int] = None) -> Optional[nn.Module]:
     """Refuse (OutOfMemory) a card whose network would not fit in free memory; return its meta network.
 
     Loading holds the network and the weights read from disk at once: twice the
-    parameters. ModelError when the card's network cannot be built; None when it
-    cannot be built on ``meta`` (then it is not estimated).
+    parameters. With ``weights_bytes`` (the weights file's size) only a network far
+    larger than its weights (a broken card) is checked here; the weights of a
+    consistent card are read the usual way. ModelError when the card's network
+    cannot be built; None when it cannot be built on ``meta`` (then it is not estimated).
     """
     _check_config_sizes(card)
     try:
@@ -75,6 +77,8 @@ def check_network_fits(card: ModelCard) -> Optional[nn.Module]:
     except Exception:  # noqa: BLE001 - a network that cannot be built on meta is not estimated
         return None
     needed = 2 * parameter_bytes(network)
+    if weights_bytes is not None and needed <= 8 * weights_bytes:  # fp16 files hold half of float32
+        return network
     check_fits(
         needed,
         f"model {card.id!r} ({format_bytes(needed / 2)} of parameters as its card describes the network)",

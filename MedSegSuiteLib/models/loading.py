@@ -55,7 +55,8 @@ def load_model(
         weights_inside(entry.directory, card.weights_file)
     from .footprint import check_network_fits
 
-    check_network_fits(card)  # an absurd card is refused before its network takes the memory
+    size = entry.weights_path.stat().st_size if entry.weights_path.is_file() else None
+    check_network_fits(card, size)  # a card far larger than its weights is refused before it takes the memory
     network = build_network(card)
     state = read_weights(entry.weights_path, sha256=card.weights.get("sha256"), size=card.weights.get("bytes"))
     load_state_dict_strict(network, state, str(entry.weights_path))

@@ -248,7 +248,7 @@ def test_a_volume_larger_than_free_memory_is_refused_with_the_amount(panel, tmp_
         panel.logic._client = None
         client.close()
     assert status == (
-        "Segmentation failed: reading volume 'CT' (24 x 24 x 12 voxels) needs about 27.0 kB of memory but only "
+        "Segmentation failed: reading volume 'CT' (24 x 24 x 12 voxels) needs about 54.0 kB of memory but only "
         "19.5 kB is free; crop or downsample it first, or use a machine with more memory"
     )
     assert _scene_state(volume) == before
