@@ -145,11 +145,25 @@ def _check_resampled_size(volume, card, roi, overlap: Optional[float]) -> None: 
     check_resampled_size(volume, card, roi, overlap)
 
 
-def _write_labels(labels, card, path, table_path) -> None:  # noqa: ANN001
-    """See :func:`MedSegSuiteLib.batch.write_labels` (names, colours and terminology from the card)."""
+def _write_labels(labels, card, path, table_path, warnings: Sequence[str] = ()) -> None:  # noqa: ANN001
+    """See :func:`MedSegSuiteLib.batch.write_labels` (names, colours and terminology from the card);
+    ``warnings`` (the input did not fit the model) are recorded in the .seg.nrrd header or the label table."""
     from .batch import write_labels
+    from .io.atomic import compound_suffix
 
     write_labels(labels, card.labels, path, table_path, source=f"the result of {card.id}")
+    if not warnings:
+        return
+    if compound_suffix(path) == ".seg.nrrd":
+        from .io.seg_nrrd import write_seg_nrrd
+        from .io.segmentation import Segmentation
+
+        segmentation = Segmentation.from_label_map(labels, card.labels, source=f"the result of {card.id}")
+        write_seg_nrrd(segmentation, path, overwrite=True, extra={"MedSegSuite_InputWarnings": " | ".join(warnings)})
+    elif table_path is not None:
+        from .io.label_table import write_label_table
+
+        write_label_table(card.labels, table_path, overwrite=True, notes=warnings)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -198,6 +212,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise InputError("--roi cannot be used with a photo its EXIF orientation turns; rotate the file first")
     for change in changes:
         print(f"note: {Path(args.input).name}: {change}", file=sys.stderr)
+    from .inference.fit_check import fit_warnings
+
+    warnings = fit_warnings(shown, model.card)
+    for warning in warnings:
+        print(f"warning: {Path(args.input).name}: {warning}", file=sys.stderr)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
     log.info("segmenting %s with %s on %s", args.input, model.card.id, predictor.device)
     bar = ProgressBar(enabled=not args.quiet)
@@ -212,7 +231,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             scores=None if result.scores is None else put_back(result.scores),
         )
     with atomic_outputs(targets, overwrite=args.overwrite) as temps:
-        _write_labels(result.labels, model.card, temps[0], temps[1] if table else None)
+        _write_labels(result.labels, model.card, temps[0], temps[1] if table else None, warnings)
         if args.scores:
             if result.scores is None:
                 raise InputError(f"{model.card.id} gives no per-class scores; leave out --scores")
@@ -229,6 +248,7 @@ def _segment_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .batch import BatchSegmenter, find_cases, parse_shard, select_shard, write_summary
+    from .batch.cases import IMAGE_SUFFIXES
     from .errors import InputError
     from .inference import Predictor
     from .io.atomic import compound_suffix
@@ -238,7 +258,7 @@ def _segment_batch(args: argparse.Namespace) -> int:
         if given:
             raise InputError(f"{option} applies to one image; leave it out when segmenting many cases or models")
     output = Path(args.output)
-    if compound_suffix(output) or (output.exists() and not output.is_dir()):
+    if compound_suffix(output) in IMAGE_SUFFIXES + (".seg.nrrd",) or (output.exists() and not output.is_dir()):
         raise InputError(f"-o {output}: name a folder for the results of many cases or several models")
     _check_counts(args)
     shard = parse_shard(args.shard) if args.shard else None

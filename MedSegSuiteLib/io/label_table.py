@@ -242,10 +242,18 @@ def label_table_to_json(labels: Sequence[Label]) -> dict[str, Any]:
     return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "labels": entries}
 
 
-def write_label_table(labels: Sequence[Label], path: PathLike, overwrite: bool = False) -> Path:
-    """Write ``labels`` as a JSON label table atomically; refuses an existing file unless ``overwrite``."""
+def write_label_table(
+    labels: Sequence[Label], path: PathLike, overwrite: bool = False, notes: Sequence[str] = ()
+) -> Path:
+    """Write ``labels`` as a JSON label table atomically; refuses an existing file unless ``overwrite``.
+
+    ``notes`` (e.g. warnings that the input did not fit the model) go under ``input_warnings``.
+    """
     path = Path(path)
-    text = json.dumps(label_table_to_json(labels), indent=2) + "\n"
+    table = label_table_to_json(labels)
+    if notes:
+        table["input_warnings"] = list(notes)
+    text = json.dumps(table, indent=2) + "\n"
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

@@ -44,7 +44,7 @@ import logging
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -144,7 +144,9 @@ def _tags_string(segment: Segment) -> str:
     return "".join(f"{key}:{tags[key]}|" for key in sorted(tags))
 
 
-def _header(segmentation: Segmentation, dtype: np.dtype, compress: bool) -> bytes:
+def _header(
+    segmentation: Segmentation, dtype: np.dtype, compress: bool, extra: Optional[Mapping[str, str]] = None
+) -> bytes:
     grid = segmentation.grid
     count = segmentation.layers.shape[0]
     sizes = [grid.shape[2], grid.shape[1], grid.shape[0]]
@@ -189,12 +191,22 @@ def _header(segmentation: Segmentation, dtype: np.dtype, compress: bool) -> byte
     fields["Segmentation_ConversionParameters"] = _conversion_parameters(grid)
     fields["Segmentation_MasterRepresentation"] = _REPRESENTATION
     fields["Segmentation_ReferenceImageExtentOffset"] = "0 0 0"
+    for key, value in (extra or {}).items():
+        fields[key] = " ".join(str(value).split())  # one line
     lines += [f"{key}:={fields[key]}" for key in sorted(fields)]
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def write_seg_nrrd(segmentation: Segmentation, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
+def write_seg_nrrd(
+    segmentation: Segmentation,
+    path: PathLike,
+    overwrite: bool = False,
+    compress: bool = True,
+    extra: Optional[Mapping[str, str]] = None,
+) -> Path:
     """Write ``segmentation`` as a Slicer ``.seg.nrrd`` atomically (see the module docstring for the layout).
+
+    ``extra`` adds ``key:=value`` header fields (e.g. ``MedSegSuite_InputWarnings``).
 
     Layers are stored as unsigned char (unsigned short when a value exceeds 255),
     gzip-compressed unless ``compress`` is False. Refuses an existing file unless
@@ -208,7 +220,7 @@ def write_seg_nrrd(segmentation: Segmentation, path: PathLike, overwrite: bool =
     layers = segmentation.layers.astype(dtype, copy=False)
     data = layers[0] if layers.shape[0] == 1 else np.moveaxis(layers, 0, -1)
     payload = np.ascontiguousarray(data).astype(dtype.newbyteorder("<"), copy=False).tobytes()
-    header = _header(segmentation, dtype, compress)
+    header = _header(segmentation, dtype, compress, extra)
     with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as handle:
         handle.write(header)
         if compress:
