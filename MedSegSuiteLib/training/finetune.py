@@ -57,6 +57,7 @@ class FinetuneOptions:
     seed: int = 0
     held_out: Optional[int] = None  # default: 20% of the labelled cases (at least one) when there are 3 or more
     keep_parent_weights: bool = True  # the parent competes as checkpoint 0: a run that never beats it returns it
+    min_gain: float = 0.005  # held-back Dice a checkpoint must gain over the parent to replace it
     keep_if_worse: bool = False  # select the new model even when the held-back check finds it no better
     resample: bool = False
     h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)
@@ -168,7 +169,9 @@ def finetune_model(
     (see :class:`~.verdict.FinetuneVerdict`) says whether it beat its parent there and
     whether it is selected. With ``options.keep_parent_weights`` the parent's weights
     compete as the first checkpoint, so a run in which no checkpoint beats the parent on
-    the held-back cases returns the parent's weights (and is not better).
+    the held-back cases by ``options.min_gain`` returns the parent's weights (and is not
+    better): gains smaller than that on one or two held-back cases did not carry over to
+    unseen cases in the benchmark.
     """
     registry = registry or ModelRegistry()
     device = resolve_device(options.device)
@@ -281,7 +284,8 @@ def finetune_model(
     )
     settings = TrainingSettings(options.iterations, max(1, options.iterations // 5), seed=options.seed)
     baseline = before if options.keep_parent_weights else None
-    trainer = Trainer(recipe, data, new_card, validation, settings, output, baseline=baseline)
+    margin = options.min_gain if held_out else 0.0
+    trainer = Trainer(recipe, data, new_card, validation, settings, output, baseline=baseline, baseline_margin=margin)
     entry = trainer.run(progress, cancel, resume=resume, on_log=on_log)
     if entry is None:  # another rank of a torchrun job wrote and registers the model
         return None

@@ -71,6 +71,7 @@ class Trainer:
         baseline: metrics of the starting weights on ``validation`` (e.g. a parent model's):
             they compete as the checkpoint of iteration 0, so a run that never beats them
             returns the starting weights.
+        baseline_margin: how much Dice a checkpoint must gain over ``baseline`` to replace it.
     """
 
     def __init__(
@@ -82,9 +83,10 @@ class Trainer:
         settings: TrainingSettings,
         output: Path,
         baseline: Optional[dict[str, Any]] = None,
+        baseline_margin: float = 0.0,
     ) -> None:
         self.recipe, self.data, self.settings = recipe, data, settings
-        self.baseline = baseline
+        self.baseline, self.baseline_margin = baseline, float(baseline_margin)
         self.card = dict(card)
         self.validation = list(validation)[: settings.max_val_cases]
         self.output = Path(output)
@@ -266,7 +268,8 @@ class Trainer:
         log.info(
             "iteration %d: validation Dice %.4f after %.1f training minutes", self.iteration, metrics["dice"], minutes
         )
-        if self.best is None or metrics["dice"] > self.best["dice"]:
+        margin = self.baseline_margin if self.best is not None and self.best.get("iteration") == 0 else 0.0
+        if self.best is None or metrics["dice"] > self.best["dice"] + margin:
             self.best = {**metrics, "iteration": self.iteration}
             if self.is_main:
                 save_weights(self.recipe.network.state_dict(), self.workdir / BEST, overwrite=True)
