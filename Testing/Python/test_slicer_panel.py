@@ -1,21 +1,20 @@
 """The panel (real .ui, PySide6 offscreen) with a fake worker: parameter node sync, Segment/Cancel, Refine/Undo,
 Export, devices, screenshot.
 
-Writes Testing/output/panel.png on every run; with MEDSEGSUITE_UPDATE_SCREENSHOT=1 it
-also rewrites Resources/Screenshots/panel.png (the extension's screenshot).
+Writes Testing/output/panel_running.png and panel.png (test stand-ins) on every run; the
+extension's screenshot, Resources/Screenshots/panel.png, is made by Testing/Python/screenshots.py
+from the bundled model on the bundled sample.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer_harness
-from conftest import HIDIFF_CARD, OUTPUT_DIR, REPO, UNET2D_CARD, UNET3D_CARD, install_card
+from conftest import HIDIFF_CARD, OUTPUT_DIR, UNET2D_CARD, UNET3D_CARD, install_card
 from slicer_harness.fake_worker import FakeWorkerFactory
 from slicer_harness.fixtures import slicer_api  # noqa: F401 - a fixture
 
@@ -402,7 +401,7 @@ def _render(name: str) -> Path:
 
 
 def test_panel_renders_offscreen_to_png_files(panel):
-    """A run in progress (panel_running.png) and the finished panel (panel.png, the extension's screenshot)."""
+    """A run in progress (panel_running.png) and the finished panel (panel.png), in Testing/output only."""
     from MedSegSuiteLib.slicer.testing import wait_until
 
     ui = panel.ui
@@ -419,11 +418,7 @@ def test_panel_renders_offscreen_to_png_files(panel):
     assert wait_until(lambda: not panel.logic.busy, 10)
     ui.exportPathLineEdit.setText("/data/exports/Abdomen CT segmentation.seg.nrrd")
     assert ui.refineButton.isEnabled() and ui.exportButton.isEnabled()
-    target = _render("panel.png")
-    if os.environ.get("MEDSEGSUITE_UPDATE_SCREENSHOT") == "1":
-        screenshot = REPO / "Resources" / "Screenshots" / "panel.png"
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(target, screenshot)
+    _render("panel.png")
 
 
 def test_panel_texts_go_through_slicers_translation_function(panel, monkeypatch):
