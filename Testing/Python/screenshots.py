@@ -148,6 +148,8 @@ def render(target: Path, threads: int, timeout: float) -> Path:
             _check_item(ui.finetuneLabelledList, f"{volume.GetName()} + {reference.GetName()}")
             ui.finetuneEstimateButton.click()
             _wait(lambda: not widget.logic.busy, timeout, "Estimate time")
+            if widget.logic.finetune_timing is None:
+                raise RuntimeError(f"Estimate time did not succeed: {ui.statusLabel.property('text')}")
             ui.segmentButton.click()
             _wait(lambda: not widget.logic.busy, timeout, "Segment")
             status = ui.statusLabel.property("text")
