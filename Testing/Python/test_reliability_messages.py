@@ -109,9 +109,9 @@ def test_hostile_inputs_all_fail_in_one_line_with_exit_2(capsys, tmp_path, model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "garbage.nii.gz", "garbage.png", "img.nii.gz"]
 
 
-def test_an_itk_folder_warning_does_not_add_a_line(tmp_path, model3d):
+def test_an_itk_folder_warning_does_not_add_a_line(tmp_path, image):
     (tmp_path / "empty").mkdir()
-    done = command("segment", tmp_path / "empty", "-m", model3d, "-o", tmp_path / "o.nrrd")
+    done = command("export", image, "-o", tmp_path / "o.seg.nrrd", "--reference", tmp_path / "empty")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "holds no DICOM series" in done.stderr
 

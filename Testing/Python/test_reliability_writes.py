@@ -285,7 +285,7 @@ def test_two_real_commands_racing_for_one_output_leave_exactly_one_complete_file
     if codes == [0, 2]:
         assert "already exists" in next(err for code, err in results if code == 2)
     assert read_image(target).shape == SHAPE
-    assert visible(tmp_path) - {"in"} == {"labels.nrrd"}
+    assert visible(tmp_path) - {"in"} == {"labels.nrrd", "labels.labels.json"}
 
 
 # -- permissions --------------------------------------------------------------------------------------
