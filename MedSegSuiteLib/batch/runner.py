@@ -58,9 +58,11 @@ def write_labels(
     path: Path,
     table_path: Optional[Path],
     source: str = "a segmentation result",
+    notes: Sequence[str] = (),
 ) -> None:
     """Write a result label map: a ``.seg.nrrd`` with the labels' names, colours and terminology, or a
-    label map with its JSON label table at ``table_path`` (so ``export`` keeps the names later)."""
+    label map with its JSON label table at ``table_path`` (so ``export`` keeps the names later);
+    ``notes`` (e.g. the input did not fit the model) go into the label table."""
     from ..io import write_image
 
     if compound_suffix(path) == ".seg.nrrd":
@@ -74,7 +76,7 @@ def write_labels(
     if table_path is not None:
         from ..io.label_table import write_label_table
 
-        write_label_table(labels_table, table_path, overwrite=True)
+        write_label_table(labels_table, table_path, overwrite=True, notes=notes)
 
 
 def label_file_for(folder: Path, case: BatchCase, two_d: bool) -> Path:
@@ -228,6 +230,7 @@ class BatchSegmenter:
         return outcome
 
     def _compute(self, case: BatchCase, targets: dict[str, Path]) -> CaseOutcome:
+        from ..inference.fit_check import fit_warnings
         from ..io import read_image
         from ..io.photos import prepare_photo
 
@@ -240,12 +243,16 @@ class BatchSegmenter:
             check_resampled_size(volume, card)
             shown, put_back, changes = prepare_photo(case.path, volume, card.input.normalization)
             outcome.warnings += changes
+            fit = fit_warnings(shown, card)
+            outcome.warnings += [f"{card.id}: {w}" for w in fit] if self.compare else fit
             labels = put_back(predictor.predict(shown, progress=self.window_progress).labels)
             target = targets[card.id]
             table = None if compound_suffix(target) == ".seg.nrrd" else _table_for(target)
             paths = [target] + ([table] if table else [])
             with atomic_outputs(paths, overwrite=True) as temps:
-                write_labels(labels, card.labels, temps[0], temps[1] if table else None, f"the result of {card.id}")
+                write_labels(
+                    labels, card.labels, temps[0], temps[1] if table else None, f"the result of {card.id}", fit
+                )
             outcome.outputs[card.id] = str(target)
             outcome.voxels[card.id] = {label.name: int((labels.array == label.value).sum()) for label in card.labels}
             results[card.id] = labels.array

@@ -123,6 +123,8 @@ def test_list_files_and_csvs_name_cases_relative_to_themselves(tmp_path, capsys,
     code, _, _ = run(capsys, "segment", tmp_path / "cases.csv", "-m", unet3d_dir, "-o", tmp_path / "out", "-q")
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["patient-a.nii.gz", "patient-b.nii.gz"]
+    code, _, _ = run(capsys, "segment", tmp_path / "cases.txt", "-m", unet3d_dir, "-o", tmp_path / "out.v2", "-q")
+    assert code == 0 and (tmp_path / "out.v2" / "scan2.nii.gz").is_file(), "a folder name may hold a dot"
     (tmp_path / "dup.csv").write_text("id,image\nx,data/scan1.nii.gz\nx,data/scan2.nii.gz\n", encoding="utf-8")
     code, _, err = run(capsys, "segment", tmp_path / "dup.csv", "-m", unet3d_dir, "-o", tmp_path / "o2")
     assert code == 2 and "two cases are called 'x'" in err and not (tmp_path / "o2").exists()
@@ -204,3 +206,21 @@ def test_batch_refuses_single_image_options(tmp_path, capsys, unet3d_dir, cohort
     assert code == 2 and "--roi applies to one image" in err
     code, _, err = run(capsys, "segment", cohort, "-m", unet3d_dir, "-o", tmp_path / "o", "--shard", "2/2")
     assert code == 2 and "I/N" in err
+
+
+def test_inputs_that_do_not_fit_the_model_are_warned_about_in_the_summary(tmp_path, capsys):
+    from MedSegSuiteLib import networks
+    from MedSegSuiteLib.models import save_model
+
+    model = tmp_path / "crop-model"
+    network = networks.create("unet", "lite", spatial_dims=3, in_channels=1, out_channels=2)
+    inputs = {"dims": 3, "channels": 1, "fov_mm": {"min": [5, 5, 5], "max": [10, 10, 8]}}
+    save_model(model, network, {**UNET3D_CARD, "id": "crop-model", "training": {"inputs": inputs}})
+    data = tmp_path / "data"
+    data.mkdir()
+    _ball(data / "big.nii.gz", seed=1)
+    assert run(capsys, "segment", data, "-m", model, "-o", tmp_path / "out", "-q")[0] == 0
+    rows, document = _summary(tmp_path / "out")
+    assert "far more than" in rows[0]["warnings"] and "--roi" in document["cases"][0]["warnings"][0]
+    table = json.loads((tmp_path / "out" / "big.labels.json").read_text(encoding="utf-8"))
+    assert "far more than" in json.dumps(table), "the warning travels with the result"

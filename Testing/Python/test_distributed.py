@@ -42,7 +42,9 @@ def _train(data: Path, output: Path, processes: int, home: Path, *extra: str) ->
         command = [*launcher, "-m", "MedSegSuiteLib", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MEDSEGSUITE_HOME": str(home)}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    return subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=240
+    )
 
 
 def _log(model: Path) -> list[dict]:
@@ -119,3 +121,40 @@ def test_two_processes_resume_a_checkpoint_and_finish_like_an_uninterrupted_run(
     after = [e["loss"] for e in _log(tmp_path / "two" / "model") if "loss" in e]
     assert len(after) == 4, "the resumed run keeps the first two iterations' records and adds two"
     np.testing.assert_allclose(after, full, rtol=0.01)
+
+
+def test_finetuning_under_torchrun_registers_one_model(discs, tmp_path, single_thread):
+    from MedSegSuiteLib.training.jobs import TrainOptions, train_model
+
+    parent = train_model(
+        TrainOptions(
+            network="unet",
+            data=discs,
+            output=tmp_path / "parent",
+            model_id="parent",
+            labels=[{"value": 1, "name": "Disc"}],
+            iterations=2,
+            batch_size=4,
+            size_xy=(32, 32),
+            device="cpu",
+        )
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["finetune", "-m", str(parent.directory), "--labelled", str(discs), "--unlabelled", str(discs / "images")]
+    args += ["--iterations", "4", "--batch-size", "4", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEGSUITE_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [*launcher, "-m", "MedSegSuiteLib", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("registered parent-ft-1") == 1, done.stdout
+    models = sorted(p.name for p in (tmp_path / "home" / "models").iterdir())
+    assert models == ["parent-ft-1"], models
+    card = json.loads((tmp_path / "home" / "models" / "parent-ft-1" / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["finetune"]["verdict"] is not None
