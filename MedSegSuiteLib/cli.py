@@ -294,6 +294,14 @@ def _segment_batch(args: argparse.Namespace) -> int:
     )
     try:
         outcomes = segmenter.run(chosen)
+    except KeyboardInterrupt:
+        windows_bar.close()
+        print(
+            f"medsegsuite: interrupted after {len(done)} of {len(chosen)} case(s); finished cases are kept and "
+            "listed in the summary; run the same command again to do the rest",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         windows_bar.close()
         cases_bar.close()

@@ -224,3 +224,29 @@ def test_inputs_that_do_not_fit_the_model_are_warned_about_in_the_summary(tmp_pa
     assert "far more than" in rows[0]["warnings"] and "--roi" in document["cases"][0]["warnings"][0]
     table = json.loads((tmp_path / "out" / "big.labels.json").read_text(encoding="utf-8"))
     assert "far more than" in json.dumps(table), "the warning travels with the result"
+
+
+def test_ctrl_c_keeps_finished_cases_and_the_next_run_does_the_rest(tmp_path, capsys, unet3d_dir, monkeypatch):
+    from MedSegSuiteLib.batch import BatchSegmenter
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        _ball(data / f"n{i}.nii.gz", seed=40 + i)
+    real = BatchSegmenter.segment_case
+
+    def interrupted_at_the_second(self, case):
+        if case.id == "n1":
+            raise KeyboardInterrupt
+        return real(self, case)
+
+    monkeypatch.setattr(BatchSegmenter, "segment_case", interrupted_at_the_second)
+    code, _, err = run(capsys, "segment", data, "-m", unet3d_dir, "-o", tmp_path / "out", "-q")
+    assert code == 130 and "interrupted after 1 of 3 case(s)" in err
+    rows, _ = _summary(tmp_path / "out")
+    assert [(row["case"], row["status"]) for row in rows] == [("n0", "done")]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["n0.nii.gz"]
+    monkeypatch.setattr(BatchSegmenter, "segment_case", real)
+    assert run(capsys, "segment", data, "-m", unet3d_dir, "-o", tmp_path / "out", "-q")[0] == 0
+    rows, _ = _summary(tmp_path / "out")
+    assert [(row["case"], row["status"]) for row in rows] == [("n0", "skipped"), ("n1", "done"), ("n2", "done")]
