@@ -243,3 +243,28 @@ def test_finetuning_takes_cropped_seg_nrrd_labels(capsys, tmp_path, model3d, hom
     code, out, err = run(capsys, "finetune", "-m", model3d, "--labelled", data, *options)
     assert code == 0, err
     assert "test-unet3d-ft" in out
+
+
+def test_refine_takes_a_dicom_seg_as_the_mask(capsys, tmp_path, hidiff_dir):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    pixels, disc = grey_disc(32, (15, 16), 6, seed=7)
+    volume = Volume(pixels[None].astype(np.int16), (0.7, 0.7, 1.0))
+    files = write_dicom_series(volume, tmp_path / "series", "1.2.826.0.1.3680043.8.498.61")
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.61.1"
+        dataset.save_as(path)
+    labels = write_image(volume.with_array(disc[None].astype(np.uint8)), tmp_path / "disc.nrrd")
+    code, _, err = run(
+        capsys, "export", labels, "-o", tmp_path / "disc.dcm", "--dicom-series", tmp_path / "series", "--labels",
+        hidiff_dir,
+    )
+    assert code == 0, err
+    code, _, err = run(
+        capsys, "refine", tmp_path / "series", "--mask", tmp_path / "disc.dcm", "-m", hidiff_dir, "--steps", "2",
+        "--device", "cpu", "-o", tmp_path / "refined.nrrd",
+    )
+    assert code == 0, err
+    refined = read_image(tmp_path / "refined.nrrd").array > 0
+    assert refined.shape == (1, 32, 32) and 2 * np.sum(refined & disc[None]) / (refined.sum() + disc.sum()) > 0.7
