@@ -250,3 +250,21 @@ def test_ctrl_c_keeps_finished_cases_and_the_next_run_does_the_rest(tmp_path, ca
     assert run(capsys, "segment", data, "-m", unet3d_dir, "-o", tmp_path / "out", "-q")[0] == 0
     rows, _ = _summary(tmp_path / "out")
     assert [(row["case"], row["status"]) for row in rows] == [("n0", "skipped"), ("n1", "done"), ("n2", "done")]
+
+
+def test_a_folder_of_photos_gets_png_label_maps(tmp_path, capsys, unet2d_dir):
+    from conftest import disc_image
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i in range(2):
+        image, _ = disc_image(48, (20 + i, 24), 8, seed=60 + i)
+        Image.fromarray(np.moveaxis(image[:, 0], 0, -1)).save(data / f"p{i}.png")
+    assert run(capsys, "segment", data, "-m", unet2d_dir, "-o", tmp_path / "out", "-q")[0] == 0
+    _, document = _summary(tmp_path / "out")
+    for record in document["cases"]:
+        labels = read_image(tmp_path / "out" / f"{record['id']}.png")
+        assert labels.shape[-2:] == (48, 48) and record["status"] == "done"
+        counts = next(iter(record["voxels"].values()))
+        assert counts == {"Disc": int((labels.array == 1).sum())} and counts["Disc"] > 50
