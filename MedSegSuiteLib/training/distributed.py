@@ -19,6 +19,7 @@ Nothing here starts processes or keeps state of its own: the process group is Py
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import types
@@ -102,9 +103,17 @@ def start(device: str = "auto") -> tuple[Optional[DistributedContext], str]:
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # leave the group before the interpreter tears down: gloo's threads otherwise abort the
+        # process at exit now and then ("terminate called without an active exception")
+        atexit.register(_leave_group)
     context = current()
     log.info("rank %d of %d (local rank %d) trains on %s", dist.get_rank(), world, local_rank, device)
     return context, device
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _routed_forward(target: nn.Module, ddp: nn.Module):  # noqa: ANN202
