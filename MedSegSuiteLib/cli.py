@@ -871,7 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--unlabelled", help="folder of images or list file (image per line)")
     ft.add_argument("--iterations", type=int, default=200, help="training iterations")
     ft.add_argument("--batch-size", type=int, help="images or patches per iteration (default: the parent's recipe's)")
-    ft.add_argument("--lr", type=float, help="learning rate (default: a tenth of the recipe's, same optimiser)")
+    ft.add_argument("--lr", type=float, help="learning rate (default: 3%% of the recipe's, same optimiser)")
     ft.add_argument("--held-out", type=int, help="labelled cases kept for before/after Dice (default 20%%, >= 1)")
     ft.add_argument("--resample", action="store_true", help="resample labels on another grid of the same region")
     ft.add_argument("-o", "--output", help="model folder (default: the user model folder); registered either way")
