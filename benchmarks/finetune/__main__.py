@@ -2,7 +2,7 @@
 
     python benchmarks/finetune [--parent Resources/Models/hippocampus-dnet-lite]
         [--data ../shared/data/msd_hippocampus] [--labelled 3 5 10] [--draws 3]
-        [--unlabelled 10] [--test 12] [--iterations 200] [--threads 1]
+        [--unlabelled 6] [--test 12] [--iterations 200] [--threads 1]
         [--recipe key=value ...] [--lr LR] [--out benchmarks/results/finetune-<parent>]
 
 Only cases the parent never trained on are used: its card's ``training.validation_ids``
@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", help="labelled case folder (images/ + labels/); default: the MSD hippocampus")
     parser.add_argument("--labelled", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--unlabelled", type=int, default=10)
+    parser.add_argument("--unlabelled", type=int, default=6)
     parser.add_argument("--test", type=int, default=12, help="unseen cases measured before/after per draw")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--lr", type=float)
