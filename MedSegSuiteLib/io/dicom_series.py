@@ -122,8 +122,17 @@ def check_series(folder: Path, files: Sequence[str]) -> Optional[SeriesGeometry]
                 raise InputError(
                     f"{Path(name).name} in {folder} has a NaN or infinite {what}; the series cannot be placed in space"
                 )
-        headers.append((name, np.array(position), np.array(orientation), spacing, ds.get("Rows"), ds.get("Columns"),
-                        int(ds.get("BitsAllocated", 16) or 16)))
+        headers.append(
+            (
+                name,
+                np.array(position),
+                np.array(orientation),
+                spacing,
+                ds.get("Rows"),
+                ds.get("Columns"),
+                int(ds.get("BitsAllocated", 16) or 16),
+            )
+        )
     first = headers[0]
     for name, _, orientation, spacing, rows, columns, _ in headers[1:]:
         if np.max(np.abs(orientation - first[2])) > 1e-4:

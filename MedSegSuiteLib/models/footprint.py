@@ -133,4 +133,3 @@ def check_batch_fits(card: ModelCard, batch_size: int, network: Optional[nn.Modu
         f"--batch-size {batch_size} ({format_bytes(per_item)} per {unit} of {card.id})",
         "use a smaller --batch-size",
     )
-

@@ -79,10 +79,14 @@ def segment_refuses(capsys, image: Path, tmp_path: Path, *words: str) -> str:
     ("name", "fields"),
     [
         ("spacings.nrrd", "spacings: nan 1 1"),
-        ("directions.nrrd", "space: left-posterior-superior\nspace directions: (inf,0,0) (0,1,0) (0,0,1)\n"
-         "space origin: (0,0,0)"),
-        ("origin.nrrd", "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
-         "space origin: (0,-NaN,0)"),
+        (
+            "directions.nrrd",
+            "space: left-posterior-superior\nspace directions: (inf,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)",
+        ),
+        (
+            "origin.nrrd",
+            "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,-NaN,0)",
+        ),
     ],
 )
 def test_nrrd_with_a_non_finite_geometry_is_refused(capsys, tmp_path, name, fields):
@@ -103,8 +107,12 @@ def test_metaimage_with_a_non_finite_geometry_is_refused(capsys, tmp_path, name,
 
 @pytest.mark.parametrize(
     ("what", "offset", "value"),
-    [("pixdim", 80, float("nan")), ("qoffset", 268, float("inf")), ("quatern", 256, float("nan")),
-     ("srow", 280, float("-inf"))],
+    [
+        ("pixdim", 80, float("nan")),
+        ("qoffset", 268, float("inf")),
+        ("quatern", 256, float("nan")),
+        ("srow", 280, float("-inf")),
+    ],
 )
 def test_nifti_with_a_non_finite_geometry_is_refused(capsys, tmp_path, what, offset, value):
     path = nifti(tmp_path / f"{what}.nii", offset, "<f", value)
@@ -113,8 +121,12 @@ def test_nifti_with_a_non_finite_geometry_is_refused(capsys, tmp_path, what, off
 
 
 def test_finite_headers_still_read_with_their_geometry(tmp_path):
-    volume = read_image(nrrd(tmp_path / "ok.nrrd", "space: left-posterior-superior\n"
-                             "space directions: (0.5,0,0) (0,0.7,0) (0,0,2)\nspace origin: (1,2,3)"))
+    volume = read_image(
+        nrrd(
+            tmp_path / "ok.nrrd",
+            "space: left-posterior-superior\nspace directions: (0.5,0,0) (0,0.7,0) (0,0,2)\nspace origin: (1,2,3)",
+        )
+    )
     assert volume.spacing == pytest.approx((0.5, 0.7, 2.0)) and volume.origin == pytest.approx((1, 2, 3))
     volume = read_image(meta(tmp_path / "ok.mha", "ElementSpacing = 0.5 0.7 2\nOffset = 1 2 3\n"))
     assert volume.spacing == pytest.approx((0.5, 0.7, 2.0)) and np.array_equal(

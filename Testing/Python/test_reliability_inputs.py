@@ -257,13 +257,31 @@ def test_refine_takes_a_dicom_seg_as_the_mask(capsys, tmp_path, hidiff_dir):
         dataset.save_as(path)
     labels = write_image(volume.with_array(disc[None].astype(np.uint8)), tmp_path / "disc.nrrd")
     code, _, err = run(
-        capsys, "export", labels, "-o", tmp_path / "disc.dcm", "--dicom-series", tmp_path / "series", "--labels",
+        capsys,
+        "export",
+        labels,
+        "-o",
+        tmp_path / "disc.dcm",
+        "--dicom-series",
+        tmp_path / "series",
+        "--labels",
         hidiff_dir,
     )
     assert code == 0, err
     code, _, err = run(
-        capsys, "refine", tmp_path / "series", "--mask", tmp_path / "disc.dcm", "-m", hidiff_dir, "--steps", "2",
-        "--device", "cpu", "-o", tmp_path / "refined.nrrd",
+        capsys,
+        "refine",
+        tmp_path / "series",
+        "--mask",
+        tmp_path / "disc.dcm",
+        "-m",
+        hidiff_dir,
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "refined.nrrd",
     )
     assert code == 0, err
     refined = read_image(tmp_path / "refined.nrrd").array > 0

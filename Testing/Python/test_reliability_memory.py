@@ -119,8 +119,11 @@ def test_a_gif_claiming_a_huge_screen_is_refused(tmp_path):
     gif = tmp_path / "huge.gif"
     # header, logical screen 65535 x 65535 without colour table, one 1x1 image, trailer
     gif.write_bytes(
-        b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
-        + b"\x2c" + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0) + b"\x02\x02\x44\x01\x00\x3b"
+        b"GIF89a"
+        + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, 65535, 65535, 0)
+        + b"\x02\x02\x44\x01\x00\x3b"
     )
     code, err, peak = capped(tmp_path, "segment", gif, "-m", "any", "-o", tmp_path / "o.png")
     lines = [line for line in err.splitlines() if line.strip()]
@@ -143,8 +146,19 @@ def test_an_absurd_batch_size_or_ensemble_is_refused_outright(tmp_path, model3d)
         code, err, _ = capped(tmp_path, "segment", image, "-m", model3d, "-o", tmp_path / "o.nrrd", option, value)
         assert code == 2 and "--batch-size must be between" in err
     code, err, _ = capped(
-        tmp_path, "refine", image, "--mask", image, "-m", model3d, "--steps", "2", "--ensemble", "1000000",
-        "-o", tmp_path / "o.nrrd",
+        tmp_path,
+        "refine",
+        image,
+        "--mask",
+        image,
+        "-m",
+        model3d,
+        "--steps",
+        "2",
+        "--ensemble",
+        "1000000",
+        "-o",
+        tmp_path / "o.nrrd",
     )
     assert code == 2 and "--ensemble must be between" in err
 

@@ -199,15 +199,47 @@ def test_ctrl_c_between_the_two_outputs_of_segment_leaves_neither(capsys, model3
 def test_failing_options_are_refused_before_any_work(capsys, model3d, tmp_path):
     missing_input = tmp_path / "not-read.nii.gz"  # never read: each option is refused first
     cases = [
-        (["refine", missing_input, "--mask", missing_input, "-m", model3d, "--steps", "2", "-o", tmp_path / "r.nrrd",
-          "--uncertainty", tmp_path / "u.nrrd"], "--ensemble"),
+        (
+            [
+                "refine",
+                missing_input,
+                "--mask",
+                missing_input,
+                "-m",
+                model3d,
+                "--steps",
+                "2",
+                "-o",
+                tmp_path / "r.nrrd",
+                "--uncertainty",
+                tmp_path / "u.nrrd",
+            ],
+            "--ensemble",
+        ),
         (["segment", missing_input, "-m", model3d, "-o", tmp_path / "l.nrrd", "--batch-size", "0"], "--batch-size"),
         (["segment", missing_input, "-m", model3d, "-o", tmp_path / "l.nrrd", "--overlap", "1.5"], "--overlap"),
-        (["refine", missing_input, "--mask", missing_input, "-m", model3d, "--steps", "2", "-o", tmp_path / "r.nrrd",
-          "--ensemble", "100000"], "--ensemble"),
+        (
+            [
+                "refine",
+                missing_input,
+                "--mask",
+                missing_input,
+                "-m",
+                model3d,
+                "--steps",
+                "2",
+                "-o",
+                tmp_path / "r.nrrd",
+                "--ensemble",
+                "100000",
+            ],
+            "--ensemble",
+        ),
         (["segment", missing_input, "-m", model3d, "-o", tmp_path / "no" / "l.nrrd"], "does not exist"),
-        (["segment", missing_input, "-m", model3d, "-o", tmp_path / "l.nrrd", "--scores", tmp_path / "l.nrrd"],
-         "two outputs"),
+        (
+            ["segment", missing_input, "-m", model3d, "-o", tmp_path / "l.nrrd", "--scores", tmp_path / "l.nrrd"],
+            "two outputs",
+        ),
     ]
     for argv, expected in cases:
         code, out, err = run(capsys, *argv)

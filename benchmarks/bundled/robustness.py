@@ -94,9 +94,7 @@ def main() -> None:
     stem = RESULTS / f"robustness-{card['id']}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     lines = ["| variant | cases | mean Dice | change |", "|---|---:|---:|---:|"]
-    lines += [
-        f"| {r['variant']} | {r['cases']} | {r['dice']:.4f} | {r['dice'] - rows[0]['dice']:+.4f} |" for r in rows
-    ]
+    lines += [f"| {r['variant']} | {r['cases']} | {r['dice']:.4f} | {r['dice'] - rows[0]['dice']:+.4f} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
