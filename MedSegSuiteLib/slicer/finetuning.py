@@ -38,6 +38,7 @@ from ..io.segmentation import describe_grid, same_region
 from ..training.runs import pending_finetune_runs
 from ..training.verdict import FinetuneVerdict
 from ..volume import Grid
+from .messages import _
 from .refinement import match_segments
 from .segmentations import geometry_matches, same_frame, segment_ids, segment_labelmap, segment_mask
 from .volumes import INPUT_VOLUME_CLASSES, LPS_FROM_RAS, grid_from_node, input_volumes
@@ -208,20 +209,28 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
         grid, region_ok = other_grid, True
     else:
         region_ok = same_region(grid, volume_grid)
-    described = (
-        f"{name!r} has {describe_grid(grid) if grid is not None else 'another grid'}; "
-        f"{volume_name!r} has {describe_grid(volume_grid)}"
+    described = _("{name} has {grid}; {volume} has {volume_grid}").format(
+        name=repr(name),
+        grid=describe_grid(grid) if grid is not None else _("another grid"),
+        volume=repr(volume_name),
+        volume_grid=describe_grid(volume_grid),
     )
     if outside or not region_ok:
-        where = f" (segment(s) {', '.join(repr(s) for s in outside)} reach outside the volume)" if outside else ""
-        raise InputError(
-            f"{name!r} was not drawn on {volume_name!r}: it covers another region{where}; {described}. "
-            f"Choose the volume it was drawn on as its reference geometry (Segment Editor: Specify geometry)"
+        where = (
+            " " + _("(segment(s) {segments} reach outside the volume)").format(segments=", ".join(map(repr, outside)))
+            if outside
+            else ""
         )
-    return (
-        f"{name!r} was drawn on another voxel grid than {volume_name!r}, over the same region: {described}; "
+        raise InputError(
+            _(
+                "{name} was not drawn on {volume}: it covers another region{where}; {described}. "
+                "Choose the volume it was drawn on as its reference geometry (Segment Editor: Specify geometry)"
+            ).format(name=repr(name), volume=repr(volume_name), where=where, described=described)
+        )
+    return _(
+        "{name} was drawn on another voxel grid than {volume}, over the same region: {described}; "
         "its segments must be resampled onto the volume (nearest neighbour) to learn from it"
-    )
+    ).format(name=repr(name), volume=repr(volume_name), described=described)
 
 
 def parent_label_map(segmentation_node: Any, volume_node: Any, card: Any, resample: bool = False) -> np.ndarray:
@@ -237,11 +246,15 @@ def parent_label_map(segmentation_node: Any, volume_node: Any, card: Any, resamp
     names = ", ".join(label.name for label in card.labels)
     if unknown:
         raise InputError(
-            f"the labels of {name!r} do not match {card.name}'s label table ({names}): {'; '.join(unknown)}; "
-            "rename or remove those segments before finetuning"
+            _(
+                "the labels of {name} do not match {model}'s label table ({labels}): {unknown}; "
+                "rename or remove those segments before finetuning"
+            ).format(name=repr(name), model=card.name, labels=names, unknown="; ".join(unknown))
         )
     if not matches:
-        raise InputError(f"{name!r} has no segments; paint the structures ({names}) first")
+        raise InputError(
+            _("{name} has no segments; paint the structures ({labels}) first").format(name=repr(name), labels=names)
+        )
     difference = case_geometry(segmentation_node, volume_node)
     if difference and not resample:
         raise GridQuestion(difference)
@@ -290,7 +303,7 @@ def _new_table(scene: Any, name: str, columns: Sequence[str]) -> Any:
 def _new_series(scene: Any, name: str, table: Any, y_column: str, colour: tuple[float, float, float]) -> Any:
     series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(name))
     series.SetAndObserveTableNodeID(table.GetID())
-    series.SetXColumnName("Iteration")
+    series.SetXColumnName(FinetuneCurve.loss_columns()[0])
     series.SetYColumnName(y_column)
     series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
     series.SetColor(*colour)
@@ -302,11 +315,19 @@ class FinetuneCurve:
 
     ``loss_table`` has the columns ``Iteration`` and ``Loss``; ``validation_table``
     ``Iteration``, ``Validation Dice`` and ``Validation HD95 (mm)``; ``chart`` draws the
-    loss and the Dice against the iteration.
+    loss and the Dice against the iteration. Column, series and axis names are shown to
+    the user, so they are translated (:func:`.messages._`) when the nodes are made.
     """
 
-    LOSS_COLUMNS = ("Iteration", "Loss")
-    VALIDATION_COLUMNS = ("Iteration", "Validation Dice", "Validation HD95 (mm)")
+    @staticmethod
+    def loss_columns() -> tuple[str, str]:
+        """The loss table's column names, as shown (translated)."""
+        return (_("Iteration"), _("Loss"))
+
+    @staticmethod
+    def validation_columns() -> tuple[str, str, str]:
+        """The validation table's column names, as shown (translated)."""
+        return (_("Iteration"), _("Validation Dice"), _("Validation HD95 (mm)"))
 
     def __init__(self, loss_table: Any, validation_table: Any, chart: Any) -> None:
         self.loss_table = loss_table
@@ -314,20 +335,22 @@ class FinetuneCurve:
         self.chart = chart
 
     @classmethod
-    def create(cls, scene: Optional[Any] = None, title: str = "Finetuning") -> FinetuneCurve:
-        """New table, series and chart nodes in ``scene``."""
+    def create(cls, scene: Optional[Any] = None, title: Optional[str] = None) -> FinetuneCurve:
+        """New table, series and chart nodes in ``scene``; ``title`` defaults to "Finetuning" (translated)."""
         scene = scene or slicer.mrmlScene
-        loss_table = _new_table(scene, f"{title} loss", cls.LOSS_COLUMNS)
-        validation_table = _new_table(scene, f"{title} validation", cls.VALIDATION_COLUMNS)
+        title = _("Finetuning") if title is None else title
+        loss_columns, validation_columns = cls.loss_columns(), cls.validation_columns()
+        loss_table = _new_table(scene, _("{title} loss").format(title=title), loss_columns)
+        validation_table = _new_table(scene, _("{title} validation").format(title=title), validation_columns)
         chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(title))
-        loss = _new_series(scene, "Loss", loss_table, "Loss", _LOSS_COLOUR)
+        loss = _new_series(scene, loss_columns[1], loss_table, loss_columns[1], _LOSS_COLOUR)
         loss.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-        dice = _new_series(scene, "Validation Dice", validation_table, "Validation Dice", _DICE_COLOUR)
+        dice = _new_series(scene, validation_columns[1], validation_table, validation_columns[1], _DICE_COLOUR)
         dice.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
         chart.AddAndObservePlotSeriesNodeID(loss.GetID())
         chart.AddAndObservePlotSeriesNodeID(dice.GetID())
-        chart.SetXAxisTitle("Iteration")
-        chart.SetYAxisTitle("Loss / Dice")
+        chart.SetXAxisTitle(loss_columns[0])
+        chart.SetYAxisTitle(_("Loss / Dice"))
         chart.SetTitle(title)
         return cls(loss_table, validation_table, chart)
 
@@ -339,7 +362,7 @@ class FinetuneCurve:
         return all(
             node.GetTable().GetNumberOfColumns() == len(columns)
             and all(node.GetTable().GetColumnByName(name) is not None for name in columns)
-            for node, columns in ((loss_table, cls.LOSS_COLUMNS), (validation_table, cls.VALIDATION_COLUMNS))
+            for node, columns in ((loss_table, cls.loss_columns()), (validation_table, cls.validation_columns()))
         )
 
     def set_title(self, title: str) -> None:
@@ -431,16 +454,19 @@ def validation_count(iterations: int) -> int:
 def finetune_outcome(info: dict[str, Any], parent_name: str) -> tuple[str, bool]:
     """``(words, select)`` for a finished run's worker ``info``: is the new model better than its parent on
     the held-back cases, and should Segment switch to it (only when the run's verdict selected it)?"""
-    model = str(info.get("model", "the new model"))
+    model = str(info["model"]) if "model" in info else _("the new model")
     verdict = FinetuneVerdict.from_dict(info.get("verdict"))
     if verdict is None:
-        return f"Its gain was not checked; Segment keeps {parent_name} (choose {model} to use it).", False
+        text = _("Its gain was not checked; Segment keeps {parent} (choose {model} to use it).")
+        return text.format(parent=parent_name, model=model), False
     words = verdict.sentence(parent_name)
     if verdict.selected:
-        return f"{words} Segment uses the new model now.", True
+        return words + " " + _("Segment uses the new model now."), True
     if verdict.outcome == "not checked":
-        return f"{words} Segment keeps {parent_name}; choose {model} in the model list to try the new one.", False
-    return f"{words} Segment keeps {parent_name}; choose {model} in the model list to use it anyway.", False
+        text = _("Segment keeps {parent}; choose {model} in the model list to try the new one.")
+    else:
+        text = _("Segment keeps {parent}; choose {model} in the model list to use it anyway.")
+    return words + " " + text.format(parent=parent_name, model=model), False
 
 
 def estimate_seconds(timing: FinetuneTiming, iterations: int) -> float:
@@ -453,8 +479,8 @@ def describe_duration(seconds: float) -> str:
     """A rounded duration for people: "40 s", "3 min", "1 h 20 min"."""
     seconds = max(0.0, float(seconds))
     if seconds < 90:
-        return f"{max(1, round(seconds))} s"
+        return _("{seconds} s").format(seconds=max(1, round(seconds)))
     minutes = round(seconds / 60)
     if minutes < 90:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
+        return _("{minutes} min").format(minutes=minutes)
+    return _("{hours} h {minutes} min").format(hours=minutes // 60, minutes=minutes % 60)

@@ -532,20 +532,24 @@ class SegmentationLogic:
         card = entry.card
         pairs = [(segmentation, volume) for segmentation, volume in pairs]
         if not pairs:
-            raise InputError("check at least one labelled case (a volume with its segmentation) to learn from")
+            raise InputError(_("check at least one labelled case (a volume with its segmentation) to learn from"))
         if int(iterations) < 1:
-            raise InputError(f"iterations must be at least 1, got {iterations}")
+            raise InputError(_("iterations must be at least 1, got {iterations}").format(iterations=iterations))
         folder = str(unlabelled_folder or "").strip()
         if folder and not Path(folder).is_dir():
-            raise InputError(f"the unlabelled folder {folder} does not exist")
+            raise InputError(_("the unlabelled folder {folder} does not exist").format(folder=folder))
         in_pairs = {volume.GetID() for _segmentation, volume in pairs}
         extra = [node for node in unlabelled_nodes if node is not None and node.GetID() not in in_pairs]
         for node in [volume for _segmentation, volume in pairs] + extra:
             if card.dims == 3 and grid_from_node(node).shape[0] == 1:
-                raise InputError(f"{card.name} is a 3D model and {node.GetName()!r} is a single 2D image")
+                raise InputError(
+                    _("{model} is a 3D model and {volume} is a single 2D image").format(
+                        model=card.name, volume=repr(node.GetName())
+                    )
+                )
         label_maps = [parent_label_map(segmentation, volume, card, resample) for segmentation, volume in pairs]
         if not any(labels.any() for labels in label_maps):
-            raise InputError("every checked segmentation is empty: paint the structures to learn first")
+            raise InputError(_("every checked segmentation is empty: paint the structures to learn first"))
         key = self.finetune_key(entry, pairs, extra, folder, device)
         self._prune()
         job_dir = self.client.new_job_dir()
@@ -600,12 +604,15 @@ class SegmentationLogic:
         self.finetune_latest = {}
         if curve is not None and not measure:
             curve.clear()
-            curve.set_title(f"Finetuning {card.name}")
+            curve.set_title(_("Finetuning {model}").format(model=card.name))
             curve.show()
         if measure:
-            text = f"Timing {card.name} on {len(pairs)} labelled case(s)..."
+            text = _("Timing {model} on {count} labelled case(s)...")
+        elif resume:
+            text = _("Resuming to finetune {model} on {count} labelled case(s)...")
         else:
-            text = f"{'Resuming' if resume else 'Starting'} to finetune {card.name} on {len(pairs)} labelled case(s)..."
+            text = _("Starting to finetune {model} on {count} labelled case(s)...")
+        text = text.format(model=card.name, count=len(pairs))
         self.status = TaskStatus("running", text, kind=kind)
         return self.status
 
@@ -729,7 +736,7 @@ class SegmentationLogic:
             if task.kind == "finetune" and stage == "training":
                 text += self._time_left(task, done, total)
             if task.cancel_requested:
-                text = "Cancelling..." if task.kind != "finetune" else "Cancelling (writing a checkpoint)..."
+                text = _("Cancelling...") if task.kind != "finetune" else _("Cancelling (writing a checkpoint)...")
             self.status = TaskStatus("running", text, stage, done, total, unit if total > 1 else "", kind=task.kind)
         elif kind == "log":
             self._finetune_record(task, message.get("record") or {})
@@ -769,7 +776,7 @@ class SegmentationLogic:
         if done - first[0] < 2 or done >= total:
             return ""
         seconds = (now - first[1]) / (done - first[0]) * (total - done)
-        return f", about {describe_duration(seconds)} left"
+        return ", " + _("about {duration} left").format(duration=describe_duration(seconds))
 
     def _finetune_record(self, task: _Task, record: dict[str, Any]) -> None:
         if task.kind != "finetune" or not isinstance(record, dict):
@@ -792,16 +799,18 @@ class SegmentationLogic:
         checkpoint = task.extra.get("checkpoint")
         found = None if checkpoint else self.unfinished_finetune(task.entry)
         if checkpoint:
-            text = (
-                f"Finetuning cancelled at iteration {checkpoint.get('iteration')} of {total}; the checkpoint of "
-                f"{checkpoint.get('model')} is kept: click Resume to continue."
-            )
+            text = _(
+                "Finetuning cancelled at iteration {iteration} of {total}; the checkpoint of "
+                "{model} is kept: click Resume to continue."
+            ).format(iteration=checkpoint.get("iteration"), total=total, model=checkpoint.get("model"))
         elif crash:
             text = crash
             if found:
-                text += f" The last checkpoint of {found[0]} (logged up to iteration {found[1]}) can be resumed."
+                text += " " + _(
+                    "The last checkpoint of {model} (logged up to iteration {iteration}) can be resumed."
+                ).format(model=found[0], iteration=found[1])
         else:
-            text = "Finetuning cancelled before training started; nothing was saved."
+            text = _("Finetuning cancelled before training started; nothing was saved.")
         return TaskStatus("failed" if crash else "cancelled", text, info={"checkpoint": checkpoint or found})
 
     def _apply_finetune(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
@@ -811,7 +820,10 @@ class SegmentationLogic:
         device = str(info.get("device", "?")).replace("cpu", "CPU")
         words, info["selected"] = finetune_outcome(info, card.name)
         self.finetune_latest["outcome"] = words
-        text = f"Finetuned {card.name} into {info.get('model')} in {describe_duration(seconds)} on {device}. {words}"
+        text = _("Finetuned {model} into {new_model} in {duration} on {device}.").format(
+            model=card.name, new_model=info.get("model"), duration=describe_duration(seconds), device=device
+        )
+        text += " " + words
         return TaskStatus("done", text, info=info)
 
     def _apply_timing(self, task: _Task, message: dict[str, Any]) -> TaskStatus:
@@ -821,14 +833,19 @@ class SegmentationLogic:
         try:
             timing = FinetuneTiming.from_info(task.extra["key"], info)
         except (KeyError, TypeError, ValueError):
-            return TaskStatus("failed", "Timing failed: the worker sent no timings.")
+            return TaskStatus("failed", _("Timing failed: the worker sent no timings."))
         self.finetune_timing = timing
         iterations = task.extra.get("iterations", 1)
         device = timing.device.replace("cpu", "CPU")
-        text = (
-            f"Timed on {device}: {timing.per_iteration:.2f} s per iteration, about "
-            f"{describe_duration(timing.per_validation)} per validation; {iterations} iterations take about "
-            f"{describe_duration(estimate_seconds(timing, iterations))}."
+        text = _(
+            "Timed on {device}: {per_iteration} s per iteration, about "
+            "{per_validation} per validation; {iterations} iterations take about {duration}."
+        ).format(
+            device=device,
+            per_iteration=f"{timing.per_iteration:.2f}",
+            per_validation=describe_duration(timing.per_validation),
+            iterations=iterations,
+            duration=describe_duration(estimate_seconds(timing, iterations)),
         )
         return TaskStatus("done", text, info=info)
 

@@ -410,13 +410,13 @@ class FinetuneSection:
     def _update_model_tip(self) -> None:
         entry = self.current_entry()
         if entry is None:
-            tip = "No model is installed: import one with medsegsuite models import FILE."
+            tip = _("No model is installed: import one with medsegsuite models import FILE.")
         else:
             labels = ", ".join(label.name for label in entry.card.labels)
-            tip = (
-                f"{entry.card.name} is never changed: the result is a new model {entry.card.id}-ft-<n>. "
-                f"Its labels: {labels} (segments are matched to them by name, terminology code or label value)."
-            )
+            tip = _(
+                "{model} is never changed: the result is a new model {id}-ft-<n>. "
+                "Its labels: {labels} (segments are matched to them by name, terminology code or label value)."
+            ).format(model=entry.card.name, id=entry.card.id, labels=labels)
         self.ui.finetuneModelSelector.setToolTip(tip)
 
     # -- cases -----------------------------------------------------------------------------
@@ -469,14 +469,20 @@ class FinetuneSection:
         from .refinement import match_segments
 
         text = f"{volume.GetName()} + {segmentation.GetName()}"
-        tip = f"Segmentation {segmentation.GetName()!r} on volume {volume.GetName()!r}."
+        tip = _("Segmentation {segmentation} on volume {volume}.").format(
+            segmentation=repr(segmentation.GetName()), volume=repr(volume.GetName())
+        )
         if entry is not None:
             matches, unknown = match_segments(segmentation, entry.card)
             if unknown or not matches:
-                text += "  (labels do not match)"
-                tip += " Not usable with " + entry.card.name + ": " + ("; ".join(unknown) or "it has no segments") + "."
+                text += "  " + _("(labels do not match)")
+                tip += " " + _("Not usable with {model}: {reasons}.").format(
+                    model=entry.card.name, reasons="; ".join(unknown) or _("it has no segments")
+                )
             else:
-                tip += " Segments: " + ", ".join(f"{m.name} \u2192 {m.label.name}" for m in matches) + "."
+                tip += " " + _("Segments: {matches}.").format(
+                    matches=", ".join(f"{m.name} \u2192 {m.label.name}" for m in matches)
+                )
         return segmentation.GetID(), text, tip, segmentation.GetID() in checked
 
     @staticmethod
@@ -573,9 +579,9 @@ class FinetuneSection:
     # -- state -----------------------------------------------------------------------------
     def _why_not(self) -> str:
         if self.current_entry() is None:
-            return "Install a model to finetune."
+            return _("Install a model to finetune.")
         if not self.pairs():
-            return "Check at least one labelled case (a volume with its segmentation) to learn from."
+            return _("Check at least one labelled case (a volume with its segmentation) to learn from.")
         return ""
 
     def _device(self) -> str:
@@ -599,32 +605,34 @@ class FinetuneSection:
         problem = self._why_not()
         ready = not running and not problem
         ui.finetuneStartButton.setEnabled(ready or finetuning)
-        ui.finetuneStartButton.setText("Cancel" if finetuning else "Start")
+        ui.finetuneStartButton.setText(_("Cancel") if finetuning else _("Start"))
         if finetuning:
-            tip = "Stop the run; its last checkpoint is kept, so Resume can continue it."
+            tip = _("Stop the run; its last checkpoint is kept, so Resume can continue it.")
         elif running:
-            tip = "Wait for the running job to end."
+            tip = _("Wait for the running job to end.")
         else:
-            tip = problem or "Finetune a new model on the checked cases (in the background)."
+            tip = problem or _("Finetune a new model on the checked cases (in the background).")
         ui.finetuneStartButton.setToolTip(tip)
         entry = self.current_entry()
         unfinished = logic.unfinished_finetune(entry) if entry is not None and not running else None
         ui.finetuneResumeButton.setEnabled(ready and unfinished is not None)
         if unfinished is not None:
-            tip = (
-                f"Continue the unfinished run {unfinished[0]} (logged up to iteration {unfinished[1]}) on the checked "
+            tip = _(
+                "Continue the unfinished run {model} (logged up to iteration {iteration}) on the checked "
                 "cases, up to the chosen number of iterations."
-            )
+            ).format(model=unfinished[0], iteration=unfinished[1])
         else:
-            tip = "Nothing to resume: no unfinished finetuning of this model."
+            tip = _("Nothing to resume: no unfinished finetuning of this model.")
         ui.finetuneResumeButton.setToolTip(problem if problem and unfinished is not None else tip)
         ui.finetuneEstimateButton.setEnabled(ready or timing)
-        ui.finetuneEstimateButton.setText("Cancel" if timing else "Estimate time")
+        ui.finetuneEstimateButton.setText(_("Cancel") if timing else _("Estimate time"))
         ui.finetuneEstimateButton.setToolTip(
-            "Stop timing."
+            _("Stop timing.")
             if timing
             else problem
-            or f"Time {self.TIMED_ITERATIONS} iterations (after a warm-up one) on the checked cases in the background."
+            or _("Time {count} iterations (after a warm-up one) on the checked cases in the background.").format(
+                count=self.TIMED_ITERATIONS
+            )
         )
         self.update_estimate()
 
@@ -639,15 +647,20 @@ class FinetuneSection:
         if entry is None or not pairs:
             text = ""
         elif timing is None:
-            text = "No time estimate yet: click Estimate time to time a few iterations on these cases."
+            text = _("No time estimate yet: click Estimate time to time a few iterations on these cases.")
         elif timing.key != logic.finetune_key(entry, pairs, self.unlabelled(), self.folder(), self._device()):
-            text = "The last timing was for another model, other cases or device: click Estimate time again."
+            text = _("The last timing was for another model, other cases or device: click Estimate time again.")
         else:
             device = timing.device.replace("cpu", "CPU")
-            text = (
-                f"About {describe_duration(estimate_seconds(timing, self.iterations()))} on {device} "
-                f"(timed in the worker on these cases: {timing.per_iteration:.2f} s per iteration, "
-                f"up to {describe_duration(timing.per_validation)} per validation)."
+            text = _(
+                "About {duration} on {device} "
+                "(timed in the worker on these cases: {per_iteration} s per iteration, "
+                "up to {per_validation} per validation)."
+            ).format(
+                duration=describe_duration(estimate_seconds(timing, self.iterations())),
+                device=device,
+                per_iteration=f"{timing.per_iteration:.2f}",
+                per_validation=describe_duration(timing.per_validation),
             )
         self.ui.finetuneEstimateLabel.setText(text)
 
@@ -656,9 +669,17 @@ class FinetuneSection:
         latest = self.panel.logic.finetune_latest
         parts = []
         if "loss" in latest:
-            parts.append(f"Loss {latest['loss']:.4f} at iteration {latest.get('iteration')}")
+            parts.append(
+                _("Loss {loss} at iteration {iteration}").format(
+                    loss=f"{latest['loss']:.4f}", iteration=latest.get("iteration")
+                )
+            )
         if "val_dice" in latest:
-            parts.append(f"validation Dice {latest['val_dice']:.3f} at iteration {latest.get('val_iteration')}")
+            parts.append(
+                _("validation Dice {dice} at iteration {iteration}").format(
+                    dice=f"{latest['val_dice']:.3f}", iteration=latest.get("val_iteration")
+                )
+            )
         text = "; ".join(parts)
         if latest.get("outcome"):  # the held-back check of the finished run, in bold above its curve's numbers
             from html import escape
@@ -676,7 +697,7 @@ class FinetuneSection:
         tables = (p.finetune_loss_table, p.finetune_validation_table, p.finetune_chart)
         if FinetuneCurve.usable(*tables):
             return FinetuneCurve(*tables)
-        curve = FinetuneCurve.create(slicer.mrmlScene, "MedSegSuite finetuning")
+        curve = FinetuneCurve.create(slicer.mrmlScene, _("MedSegSuite finetuning"))
         was_modifying = p.node.StartModify()
         try:
             p.finetune_loss_table = curve.loss_table
@@ -737,10 +758,13 @@ class FinetuneSection:
                     resample=resample,
                 )
             except GridQuestion as question:
-                text = _sentence(str(question)) + ".\n\nResample it onto the volume and continue?"
-                if resample or not slicer.util.confirmOkCancelDisplay(text, windowTitle="MedSegSuite: finetune"):
+                text = _sentence(str(question)) + ".\n\n" + _("Resample it onto the volume and continue?")
+                title = _("MedSegSuite: finetune")
+                if resample or not slicer.util.confirmOkCancelDisplay(text, windowTitle=title):
                     undo_curve()
-                    panel.show_status(TaskStatus("idle", "Not started: " + _sentence(str(question)) + "."))
+                    panel.show_status(
+                        TaskStatus("idle", _("Not started: {reason}.").format(reason=_sentence(str(question))))
+                    )
                     return
                 resample = True
                 continue
@@ -787,7 +811,7 @@ class FinetuneSection:
     def on_browse_clicked(self) -> None:
         import qt
 
-        chosen = qt.QFileDialog.getExistingDirectory(None, "Folder of unlabelled images", self.folder())
+        chosen = qt.QFileDialog.getExistingDirectory(None, _("Folder of unlabelled images"), self.folder())
         if chosen:
             self.ui.finetuneFolderLineEdit.setText(str(chosen))
 

@@ -423,14 +423,14 @@ def test_panel_renders_offscreen_to_png_files(panel):
 
 def test_panel_texts_go_through_slicers_translation_function(panel, monkeypatch):
     """Texts are looked up with ``_`` (``slicer.i18n.tr`` in Slicer) when shown, so a translation changes them."""
-    from MedSegSuiteLib.slicer import logic, sections
+    from MedSegSuiteLib.slicer import finetuning, logic, sections
     from MedSegSuiteLib.slicer import panel as panel_module
-    from MedSegSuiteLib.slicer.testing import wait_until
+    from MedSegSuiteLib.slicer.testing import add_faint_ball_case, set_checked_items, wait_until
 
     def marked(text):
         return f"\u00ab{text}\u00bb"
 
-    for module in (logic, sections, panel_module):
+    for module in (finetuning, logic, sections, panel_module):
         monkeypatch.setattr(module, "_", marked)
     ui = panel.ui
     panel.panel.update_enabled()
@@ -445,6 +445,35 @@ def test_panel_texts_go_through_slicers_translation_function(panel, monkeypatch)
     assert wait_until(lambda: not panel.logic.busy, 10)
     assert _text(ui.statusLabel) == "\u00abCancelled; nothing was changed.\u00bb"
     assert _text(ui.segmentButton) == "\u00abSegment\u00bb"
+    # the Finetune section: Start and its tooltips, the time estimate and its duration words
+    finetune = panel.panel.finetune
+    ui.finetuneCollapsibleButton.setCollapsed(False)
+    finetune.update_enabled()
+    assert _text(ui.finetuneStartButton) == "\u00abStart\u00bb"
+    assert _text(ui.finetuneEstimateButton) == "\u00abEstimate time\u00bb"
+    assert ui.finetuneStartButton.property("toolTip") == (
+        "\u00abCheck at least one labelled case (a volume with its segmentation) to learn from.\u00bb"
+    )
+    _volume, segmentation, _mask = add_faint_ball_case("Faint", "Ball", seed=0, shape=(10, 20, 20), radius=3.0)
+    finetune.refresh_cases()
+    set_checked_items(ui.finetuneLabelledList, [segmentation.GetID()])
+    assert finetune.pairs()
+    assert ui.finetuneStartButton.property("toolTip") == (
+        "\u00abFinetune a new model on the checked cases (in the background).\u00bb"
+    )
+    assert _text(ui.finetuneEstimateLabel).startswith("\u00abNo time estimate yet")
+    key = panel.logic.finetune_key(
+        finetune.current_entry(), finetune.pairs(), finetune.unlabelled(), finetune.folder(), finetune._device()
+    )
+    panel.logic.finetune_timing = finetuning.FinetuneTiming(
+        key, "cpu", per_iteration=0.5, per_validation=2.0, setup=1.0
+    )
+    ui.finetuneIterationsSpinBox.setValue(200)  # 1 s set-up + (1 + 5 validations) x 2 s + 200 x 0.5 s = 113 s
+    finetune.update_estimate()
+    assert _text(ui.finetuneEstimateLabel) == (
+        "\u00abAbout \u00ab2 min\u00bb on CPU (timed in the worker on these cases: 0.50 s per iteration, "
+        "up to \u00ab2 s\u00bb per validation).\u00bb"
+    )
 
 
 def test_volume_lists_offer_an_rgb_volume_once_and_never_diffusion_volumes(panel):
