@@ -354,3 +354,38 @@ def hidiff_dir(tmp_path_factory, request) -> Path:
     )
     announce(request, "training the test HiDiff model, once per run")
     return train_model(options).directory
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Exit status, standard output and standard error of ``medsegsuite ARGS`` run in this process."""
+    from MedSegSuiteLib.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The one line a failed command printed, checked to be a plain error and not an 'unexpected' one."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("medsegsuite: error: ") and "unexpected" not in lines[0], err
+    return lines[0]
+
+
+def untrained_model(tmp_path_factory, card: dict, **config) -> Path:
+    """An untrained U-Net lite model folder for ``card`` (for tests where what it predicts does not matter)."""
+    from MedSegSuiteLib import networks
+    from MedSegSuiteLib.models import save_model
+
+    torch.manual_seed(0)
+    network = networks.create("unet", "lite", **config)
+    directory = tmp_path_factory.mktemp("models") / card["id"]
+    save_model(directory, network, card)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model3d(tmp_path_factory) -> Path:
+    """An untrained 3D U-Net lite model folder with the test 3D card."""
+    return untrained_model(tmp_path_factory, UNET3D_CARD, spatial_dims=3, in_channels=1, out_channels=2)

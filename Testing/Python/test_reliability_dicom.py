@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 from conftest import write_dicom_series
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import read_image
 from MedSegSuiteLib.volume import Volume
 
@@ -18,12 +18,6 @@ pydicom = pytest.importorskip("pydicom")
 SHAPE = (8, 12, 10)
 STEP = 2.5
 UID = "1.2.826.0.1.3680043.8.498.77"
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

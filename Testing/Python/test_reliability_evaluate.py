@@ -7,19 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as run
 from PIL import Image
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import write_image
 from MedSegSuiteLib.volume import Volume
 
 SHAPE = (6, 16, 16)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def labels(*boxes: tuple[int, slice]) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import UNET2D_CARD, UNET3D_CARD
+from conftest import run_cli as run
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.inference.fit_check import fit_warnings, input_profile
 from MedSegSuiteLib.io import write_image
 from MedSegSuiteLib.models.card import card_from_dict, load_card
@@ -25,12 +25,6 @@ PROFILE = {
     "spacing_mm": {"min": [1.0, 1.0, 1.5], "max": [1.0, 1.0, 2.0]},
     "intensity": {"mean": 100.0, "std": 20.0},
 }
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

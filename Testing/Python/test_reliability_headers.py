@@ -21,26 +21,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import UNET3D_CARD
+from conftest import one_error_line as one_line
+from conftest import run_cli as run
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import read_image, write_image
 from MedSegSuiteLib.volume import Volume
 
 SHAPE = (4, 5, 6)
 RAW = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE).tobytes()
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("medsegsuite: error: ") and "unexpected" not in lines[0], err
-    return lines[0]
 
 
 def nrrd(path: Path, fields: str, data: bytes = RAW) -> Path:

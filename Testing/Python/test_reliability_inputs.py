@@ -8,46 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import UNET2D_CARD, UNET3D_CARD, grey_disc, write_dicom_series
+from conftest import one_error_line as one_line
+from conftest import run_cli as run
+from conftest import untrained_model as untrained
 from PIL import Image, ImageOps
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import read_image, write_image
 from MedSegSuiteLib.io.photos import from_upright, to_upright
 from MedSegSuiteLib.io.seg_nrrd import read_seg_nrrd, write_seg_nrrd
 from MedSegSuiteLib.io.segmentation import Segmentation
 from MedSegSuiteLib.models.card import card_from_dict
 from MedSegSuiteLib.volume import Volume
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("medsegsuite: error: ") and "unexpected" not in lines[0], err
-    return lines[0]
-
-
-def untrained(tmp_path_factory, card: dict, **config) -> Path:
-    from MedSegSuiteLib import networks
-    from MedSegSuiteLib.models import save_model
-
-    torch.manual_seed(0)
-    network = networks.create("unet", "lite", **config)
-    directory = tmp_path_factory.mktemp("models") / card["id"]
-    save_model(directory, network, card)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model3d(tmp_path_factory) -> Path:
-    return untrained(tmp_path_factory, UNET3D_CARD, spatial_dims=3, in_channels=1, out_channels=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import UNET3D_CARD
 
 from MedSegSuiteLib.io import write_image
 from MedSegSuiteLib.volume import Volume
@@ -58,18 +56,6 @@ def refused_with_amount(tmp_path: Path, *args) -> str:
     assert lines[0].startswith("medsegsuite: error: ") and "needs about" in lines[0], lines[0]
     assert peak < PEAK_LIMIT, f"peak {peak / 2**30:.2f} GB"
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def model3d(tmp_path_factory) -> Path:
-    from MedSegSuiteLib import networks
-    from MedSegSuiteLib.models import save_model
-
-    torch.manual_seed(0)
-    network = networks.create("unet", "lite", spatial_dims=3, in_channels=1, out_channels=2)
-    directory = tmp_path_factory.mktemp("models") / "test-unet3d"
-    save_model(directory, network, UNET3D_CARD)
-    return directory
 
 
 def test_a_tiny_nrrd_header_claiming_a_huge_image_is_refused(tmp_path):

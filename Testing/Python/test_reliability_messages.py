@@ -11,25 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import UNET3D_CARD
+from conftest import one_error_line as one_line
+from conftest import run_cli as run
 
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import write_image
 from MedSegSuiteLib.volume import Volume
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("medsegsuite: error: ") and "unexpected" not in lines[0], err
-    return lines[0]
 
 
 def command(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -37,18 +23,6 @@ def command(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "MedSegSuiteLib", *map(str, args)], capture_output=True, text=True, env=env, **kwargs
     )
-
-
-@pytest.fixture(scope="module")
-def model3d(tmp_path_factory) -> Path:
-    from MedSegSuiteLib import networks
-    from MedSegSuiteLib.models import save_model
-
-    torch.manual_seed(0)
-    network = networks.create("unet", "lite", spatial_dims=3, in_channels=1, out_channels=2)
-    directory = tmp_path_factory.mktemp("models") / "test-unet3d"
-    save_model(directory, network, UNET3D_CARD)
-    return directory
 
 
 @pytest.fixture

@@ -18,44 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import UNET3D_CARD, sphere_volume
+from conftest import one_error_line as one_line
+from conftest import run_cli as run
+from conftest import sphere_volume
 
 import MedSegSuiteLib.io.images as images_module
-from MedSegSuiteLib.cli import main
 from MedSegSuiteLib.io import read_image, write_image
 from MedSegSuiteLib.volume import Volume
 
 SHAPE = (12, 24, 24)
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("medsegsuite: error: ") and "unexpected" not in lines[0], err
-    return lines[0]
-
-
 def visible(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
-
-
-@pytest.fixture(scope="module")
-def model3d(tmp_path_factory) -> Path:
-    """An untrained 3D U-Net lite model folder (what it predicts does not matter here)."""
-    from MedSegSuiteLib import networks
-    from MedSegSuiteLib.models import save_model
-
-    torch.manual_seed(0)
-    network = networks.create("unet", "lite", spatial_dims=3, in_channels=1, out_channels=2)
-    directory = tmp_path_factory.mktemp("models") / "test-unet3d"
-    save_model(directory, network, UNET3D_CARD)
-    return directory
 
 
 @pytest.fixture
