@@ -105,16 +105,20 @@ def remove_stale_partials(target: Path, suffix: str) -> None:
     """Remove temporary files or folders left beside ``target`` by writers that were killed.
 
     Temporary names carry the writer's process id (``.<name>.<pid>.<random>.partial<suffix>``),
-    so only leftovers of processes that no longer run are removed.
+    so only leftovers of processes that no longer run are removed. A writer that itself
+    writes through a temporary of that temporary leaves ``..<name>.<pid>...`` names, which
+    count too.
     """
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-    prefix = f".{stem}."
+    prefix = f"{stem.lstrip('.')}."
     try:
-        candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+        candidates = [
+            p for p in target.parent.iterdir() if p.name.startswith(".") and p.name.lstrip(".").startswith(prefix)
+        ]
     except OSError:
         return
     for path in candidates:
-        pid, _, rest = path.name[len(prefix) :].partition(".")
+        pid, _, rest = path.name.lstrip(".")[len(prefix) :].partition(".")
         if not pid.isdigit() or not rest.endswith(f".partial{suffix}") or _pid_alive(int(pid)):
             continue
         if path.is_dir():

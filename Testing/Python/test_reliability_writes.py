@@ -314,3 +314,23 @@ def test_segment_output_is_complete_and_readable(capsys, model3d, ball, tmp_path
     assert code == 0, err
     labels = read_image(tmp_path / "l.nrrd")
     assert labels.shape == SHAPE and set(np.unique(labels.array)) <= {0, 1}
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write_even_when_nested(tmp_path):
+    """A writer killed inside a write of a temporary (``..case.<pid>...``) leaves nothing the next write keeps."""
+    import subprocess
+    import sys
+
+    from MedSegSuiteLib.io.atomic import remove_stale_partials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "case.nrrd"
+    plain = tmp_path / f".case.{dead.pid}.abc.partial.nrrd"
+    nested = tmp_path / f"..case.{dead.pid}.abc.partial.{dead.pid}.def.partial.nrrd"
+    alive = tmp_path / f".case.{os.getpid()}.ghi.partial.nrrd"
+    other = tmp_path / f".other.{dead.pid}.jkl.partial.nrrd"
+    for path in (plain, nested, alive, other):
+        path.write_bytes(b"x")
+    remove_stale_partials(target, ".nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
