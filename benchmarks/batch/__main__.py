@@ -83,7 +83,7 @@ def main() -> int:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "note": "shared CPU: other work ran at the same time; run under nice",
+        "note": "wall-clock seconds; a load_average_at_end above the core count means the CPU was shared",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
