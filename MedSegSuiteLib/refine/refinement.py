@@ -38,7 +38,7 @@ from .bbdm import mask_to_channels, soften_prior
 
 __all__ = ["SCOPES", "Refinement", "Refiner", "axial_index"]
 
-SCOPES = ("volume", "slice", "roi")
+SCOPES = ("volume", "slice", "neighbours", "roi")
 
 
 @dataclass
@@ -176,12 +176,14 @@ class Refiner:
         ensemble: int = 1,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
+        neighbours: int = 2,
     ) -> Refinement:
         """Refine ``mask`` (a label map on ``volume``'s grid) with ``steps`` diffusion steps.
 
         ``scope``: ``volume`` refines every axial slice that holds mask voxels, ``slice``
-        the canonical axial slice ``slice_index`` (see :func:`axial_index`), ``roi`` the
-        slices of ``roi`` (a voxel box of the input) inside the box only. ``keep`` (non-zero
+        the canonical axial slice ``slice_index`` (see :func:`axial_index`), ``neighbours``
+        that slice and ``neighbours`` slices on either side of it, ``roi`` the slices of
+        ``roi`` (a voxel box of the input) inside the box only. ``keep`` (non-zero
         voxels, same grid) never change. ``steps = 0`` returns the mask unchanged.
         Outside the scope the mask is returned as it was.
         """
@@ -222,10 +224,11 @@ class Refiner:
         classes = self.lut[labels]
         kept = transform.apply(keep.array != 0) if keep is not None else None
         depth = classes.shape[0]
-        if scope == "slice":
+        if scope in ("slice", "neighbours"):
             if slice_index is None or not 0 <= slice_index < depth:
                 raise InputError(f"slice index must be between 0 and {depth - 1}, got {slice_index}")
-            chosen = [int(slice_index)]
+            reach = max(0, int(neighbours)) if scope == "neighbours" else 0
+            chosen = list(range(max(0, slice_index - reach), min(depth, slice_index + reach + 1)))
         else:
             chosen = [int(z) for z in np.nonzero(classes.reshape(depth, -1).any(1))[0]]
         refined = classes.copy()

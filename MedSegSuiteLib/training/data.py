@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -30,7 +30,16 @@ from ..volume import Volume
 # (case id, image, label map or None)
 Item = tuple[str, Volume, Optional[Volume]]
 
-__all__ = ["Augment", "Item", "PatchStore", "SliceStore", "class_index_map"]
+__all__ = [
+    "Augment",
+    "Item",
+    "PatchStore",
+    "SliceStore",
+    "augment_2d",
+    "augment_3d",
+    "changed_augment",
+    "class_index_map",
+]
 
 log = logging.getLogger(__name__)
 _PER_PIXEL = ("none", "scale", "imagenet", "window")
@@ -58,17 +67,21 @@ class Augment:
     2D: flips, rotation + isotropic scale (one affine), colour jitter for 8-bit RGB
     (brightness, contrast, saturation), specular highlights for 8-bit RGB (``specular``:
     share of images that get 1-4 soft white glints, as endoscope lights make on wet
-    mucosa), cut-out holes. 3D: flips on every axis, in-plane rot90, rotation about
+    mucosa), cut-out holes. 3D: flips, in-plane rot90, rotation about
     every axis by up to ``rotate`` degrees with isotropic ``scale`` (one resampling of
     image and label together), intensity scale/shift and Gaussian noise (in normalised
     units), ``gamma`` (low, high) on the patch's intensity range, a smooth
     multiplicative ``bias_field`` (its largest relative change), and ``fov_pad``:
     patches may reach this many voxels past the image edge (filled with 0, the
     normalised empty background), so a model sees structures near an image border and
-    empty surroundings.
+    empty surroundings. ``flip_axes`` names the axes that may flip, in canonical
+    orientation (x: left-right, y: anterior-posterior, z: inferior-superior; a 2D image's
+    x and y): "x" keeps anatomy whose labels differ front to back or top to bottom (for
+    example anterior and posterior hippocampus) from being mirrored into the wrong label.
     """
 
     flip: float = 0.5
+    flip_axes: str = "xyz"
     rotate: float = 0.0
     rotate_p: float = 0.5
     scale: tuple[float, float] = (1.0, 1.0)
@@ -82,6 +95,20 @@ class Augment:
     bias_field: float = 0.0
     fov_pad: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def changed_augment(augment: Augment, changes: Any) -> Augment:
+    """``augment`` with the fields named in ``changes`` (a ``{field: value}`` dict, e.g. from
+    ``--recipe augment={'flip_axes':'x'}``) replaced; an Augment replaces it whole, None keeps it."""
+    if changes is None or isinstance(changes, Augment):
+        return changes or augment
+    known = {f.name for f in fields(Augment)}
+    if not isinstance(changes, dict) or set(changes) - known:
+        raise InputError(f"--recipe augment= takes a dict of augmentation settings among: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    if set(values.get("flip_axes", "")) - set("xyz"):
+        raise InputError(f"augment flip_axes takes some of x, y and z, got {values['flip_axes']!r}")
+    return replace(augment, **values)
 
 
 def _prepare(
@@ -207,13 +234,21 @@ def normalize_batch(images: torch.Tensor, normalization: Mapping[str, Any]) -> t
     return torch.from_numpy(array).transpose(0, 1).contiguous()
 
 
+def _flip_dims(augment: Augment, dims: int) -> tuple[int, ...]:
+    """Tensor dimensions of a ``[B|C, (z,) y, x]`` image that ``augment.flip_axes`` lets flip (z: 3D only)."""
+    if set(augment.flip_axes) - set("xyz"):
+        raise ValueError(f"flip_axes takes some of x, y and z, got {augment.flip_axes!r}")
+    chosen = [3 - "xyz".index(axis) for axis in "xyz"[:dims] if axis in augment.flip_axes]
+    return tuple(chosen if dims == 2 else reversed(chosen))  # x, y in 2D; z, y, x in 3D
+
+
 def augment_2d(
     images: torch.Tensor, classes: torch.Tensor, augment: Augment, generator: torch.Generator, rgb8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip, rotate/scale (one affine), colour-jitter (8-bit RGB) and cut out a ``[B, C, h, w]`` batch + classes."""
     batch = images.shape[0]
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    for dim in (3, 2):
+    for dim in _flip_dims(augment, 2):
         flip = rand(batch) < augment.flip
         images[flip] = images[flip].flip(dim)
         classes[flip] = classes[flip].flip(dim - 1)
@@ -379,7 +414,7 @@ def augment_3d(
     rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     out_i, out_c = [], []
     for image, label in zip(images, classes):
-        for axis in (1, 2, 3):
+        for axis in _flip_dims(augment, 3):
             if float(rand(1)) < augment.flip:
                 image, label = image.flip(axis), label.flip(axis - 1)
         if augment.rot90 and image.shape[-1] == image.shape[-2]:

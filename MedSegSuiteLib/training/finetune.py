@@ -26,7 +26,7 @@ from ..inference.device import resolve_device
 from ..io import compound_suffix
 from ..models import LoadedModel, ModelEntry, ModelRegistry, load_model
 from ..progress import ProgressCallback, check_cancelled, report
-from .data import Augment, Item, PatchStore, SliceStore
+from .data import Augment, Item, PatchStore, SliceStore, changed_augment
 from .datasets import Case, discover_cases, load_case
 from .recipes import recipe_module
 from .recipes.base import TrainingData
@@ -150,10 +150,8 @@ def _finetune_augment(augment: Augment, recipe: dict[str, Any]) -> Augment:
     30 iterations. The clinician's cases come as they are; intensity changes still help.
     """
     given = recipe.get("augment")
-    if isinstance(given, Augment):
-        return given
-    if isinstance(given, dict):
-        return replace(augment, **given)
+    if given is not None:
+        return changed_augment(augment, given)
     return replace(augment, flip=0.0, rot90=False)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -14,9 +14,10 @@ import torch
 from .. import networks
 from ..errors import InputError
 from ..inference.device import resolve_device
+from ..inference.fit_check import input_profile
 from ..models import ModelEntry
 from ..progress import ProgressCallback
-from .data import PatchStore, SliceStore
+from .data import PatchStore, SliceStore, changed_augment
 from .datasets import discover_cases, label_values, load_case, load_cases, split_cases
 from .recipes import recipe_module
 from .recipes.base import TrainingData
@@ -160,6 +161,24 @@ def _speed_settings(recipe: Any, run: dict[str, Any], dims: int) -> dict[str, bo
     return {"cpu_bf16": recipe.cpu_bf16, "channels_last": channels_last}
 
 
+def _check_input_size(network: torch.nn.Module, channels: int, size_zyx: Optional[Sequence[int]], dims: int) -> None:
+    """Refuse a --size/--patch the network cannot take, by running one empty input through it."""
+    if size_zyx is None:
+        return
+    option = "--size" if dims == 2 else "--patch"
+    given = ",".join(str(int(v)) for v in reversed(size_zyx))
+    model = getattr(network, "segmentor", network)  # HiDiff: the segmentor fixes the input size
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, *(int(v) for v in size_zyx)))
+    except (ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{option} {given} does not suit this network: {reason}") from None
+    finally:
+        model.train(was_training)
+
+
 def train_model(
     options: TrainOptions,
     progress: Optional[ProgressCallback] = None,
@@ -187,8 +206,10 @@ def train_model(
         if getattr(options, key) is not None:
             run[key] = getattr(options, key)
     run.update(options.recipe)
+    run["augment"] = changed_augment(defaults["defaults"]["augment"], options.recipe.get("augment"))
     device = resolve_device(options.device)
     items = load_cases(train_cases, options.h5_spacing, progress, cancel)
+    profile = input_profile([image for _, image, _ in items])
     unlabelled_items: list = []
     if options.labelled_cases is not None:
         if not 1 <= options.labelled_cases <= len(items):
@@ -216,11 +237,14 @@ def train_model(
     config = {**module.network_config(dims, channels, len(labels), patch_zyx=patch_zyx), **options.config}
     card = build_card(options, dims, channels, labels, defaults, module.inference(dims, len(labels)), config)
     card["training"]["cases"] = {"train": len(items), "unlabelled": len(unlabelled_items), "validation": len(val_cases)}
+    card["training"]["inputs"] = profile  # what segment compares inputs with (fit warnings)
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)
+    _check_input_size(network, channels, tuple(reversed(size)) if dims == 2 else patch_zyx, dims)
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
     speed = _speed_settings(recipe, run, dims)
-    card["training"]["recipe"] = {**card["training"].get("recipe", {}), **speed}
+    augment = {k: v for k, v in asdict(run["augment"]).items() if k != "extra"}
+    card["training"]["recipe"] = {**card["training"].get("recipe", {}), **speed, "augment": augment}
     patch = card["input"].get("patch_xyz")
     data = TrainingData(
         store,

@@ -240,7 +240,10 @@ class Trainer:
                 )
             if self.is_main:
                 report(progress, self.iteration, settings.iterations, "training")
-            if self.iteration % settings.validate_every == 0 or self.iteration == settings.iterations:
+            last = self.iteration == settings.iterations
+            if last or (
+                self.iteration % settings.validate_every == 0 and self.recipe.ready_to_validate(self.iteration)
+            ):
                 self.validation_due = True
                 self._validate_and_keep_best(cancel, record)
                 last_checkpoint = time.monotonic()

@@ -307,3 +307,29 @@ def test_train_refuses_a_label_table_it_cannot_use(home, capsys, tmp_path, conte
     code, _, err = _run(capsys, "train", "--network", "unet", "--data", data, "-o", tmp_path / "m", "--labels", table)
     _assert_refused(code, err, pattern)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "network, option, pattern",
+    [
+        (
+            "dnet",
+            ["--patch", "48,32,32"],
+            "--patch 48,32,32 does not suit this network: D-Net needs every spatial size",
+        ),
+        ("unet", ["--recipe", "augment={'flip_axes':'xa'}"], "flip_axes takes some of x, y and z"),
+        ("unet", ["--recipe", "augment={'tilt':3}"], "--recipe augment= takes a dict of augmentation settings"),
+    ],
+)
+def test_train_refuses_a_patch_or_augmentation_it_cannot_use(home, capsys, tmp_path, network, option, pattern):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    for case in ("a", "b"):
+        write_image(Volume(BALL), data / "images" / f"{case}.nrrd")
+        write_image(Volume(BALL_MASK), data / "labels" / f"{case}.nrrd")
+    code, _, err = _run(
+        capsys, "train", "--network", network, "--data", data, "-o", tmp_path / "m", "--iterations", "1", *option
+    )
+    _assert_refused(code, err, pattern)
+    assert not (tmp_path / "m").exists()

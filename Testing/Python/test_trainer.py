@@ -190,3 +190,26 @@ def test_label_values_the_table_does_not_name_are_refused(two_balls, discs, tmp_
         train_model(_options(discs, tmp_path / "taken"))
     with pytest.raises(ValueError, match="no training recipe for 'vnet'"):
         train_model(_options(two_balls, tmp_path / "y", network="vnet"))
+
+
+def test_hidiff_validates_only_once_its_refiner_has_trained(discs, tmp_path):
+    """Before the refiner trains, the full inference would run an untrained refiner: no validation then."""
+    entry = train_model(
+        _options(
+            discs,
+            tmp_path / "hd",
+            network="hidiff",
+            iterations=6,
+            batch_size=2,
+            size_xy=(32, 32),
+            validate_every=1,
+            recipe={"pretrain_fraction": 0.5},
+        )
+    )
+    log = json.loads((tmp_path / "hd" / "training_log.json").read_text())
+    validated = [row["iteration"] for row in log if "val_dice" in row]
+    assert validated == [4, 5, 6]
+    card = entry.card
+    assert card.training["recipe"]["pretrain_iterations"] == 3
+    assert card.training["inputs"]["dims"] == 2 and card.training["inputs"]["channels"] == 3
+    assert card.training["recipe"]["augment"]["flip_axes"] == "xyz"

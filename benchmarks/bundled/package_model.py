@@ -7,7 +7,11 @@
 - stores the weights as float16 when the validation Dice moves by less than 0.005,
   float32 otherwise, and records which;
 - drops training-only parts (ConDSeg's aux head) with ``--drop-aux``;
-- records the measured CPU time per case and the peak memory in ``resources``.
+- records the measured CPU time per case and the peak memory in ``resources``;
+- for HiDiff, also measures its segmentor alone (``dice_segmentor_only``): the full
+  inference must not score below it;
+- adds the profile of the training inputs (``training.inputs``, for fit warnings) to a card
+  trained before ``medsegsuite train`` recorded it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from MedSegSuiteLib.evaluation import evaluate_model
 from MedSegSuiteLib.inference import Predictor
+from MedSegSuiteLib.inference.fit_check import input_profile
 from MedSegSuiteLib.models import LoadedModel, build_network, card_from_dict, load_model, save_model
 from MedSegSuiteLib.resources import resources_dir
 from MedSegSuiteLib.training.datasets import discover_cases, load_cases
@@ -58,6 +63,15 @@ def main() -> None:
         slim.load_state_dict(trained.network.state_dict(), strict=True)
         trained = LoadedModel(card_from_dict({**card, "weights": {"file": "x"}}), slim.eval())
     full, seconds = evaluate(trained, cases)
+    if "inputs" not in card["training"]:
+        training = load_cases([c for c in discover_cases(args.data) if c.id not in ids], spacing)
+        card["training"]["inputs"] = input_profile([image for _, image, _ in training])
+        del training
+    segmentor_only = None
+    if card["network"] == "hidiff":
+        steps, trained.network.sampling_steps = trained.network.sampling_steps, 0  # the segmentor alone
+        segmentor_only, _ = evaluate(trained, cases)
+        trained.network.sampling_steps = steps
     with tempfile.TemporaryDirectory() as tmp:
         half_entry = save_model(Path(tmp) / "half", trained.network, {**card, "weights": {}}, half=True)
         half, _ = evaluate(load_model(half_entry), cases)
@@ -71,6 +85,9 @@ def main() -> None:
     if chosen.get("hd95") is not None:
         card["metrics"].append({"name": "hd95_mm", "value": round(chosen["hd95"], 3), "split": split})
     card["metrics"].append({"name": "iou", "value": round(chosen["iou"], 4), "split": split})
+    if segmentor_only is not None:
+        alone = round(segmentor_only["dice"], 4)
+        card["metrics"].append({"name": "dice_segmentor_only", "value": alone, "split": split})
     for value, metrics in chosen["per_label"].items():
         card["metrics"].append({"name": f"dice_label_{value}", "value": round(metrics["dice"], 4), "split": split})
     card["resources"] = {
@@ -96,6 +113,7 @@ def main() -> None:
             {
                 "id": entry.card.id,
                 "dice": chosen["dice"],
+                "dice_segmentor_only": segmentor_only["dice"] if segmentor_only else None,
                 "fp16": use_half,
                 "seconds_per_case": seconds,
                 "bytes": entry.card.weights["bytes"],

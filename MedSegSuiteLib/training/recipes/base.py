@@ -102,6 +102,10 @@ class Recipe:
     def validated(self, score: float) -> None:
         """Called with the validation score after each validation (for plateau schedules)."""
 
+    def ready_to_validate(self, iteration: int) -> bool:
+        """Whether the model validated after ``iteration`` steps is one that could ship (the last always is)."""
+        return True
+
     def describe(self) -> dict[str, Any]:
         """The recipe's settings, recorded in the model card."""
         return {}

@@ -151,6 +151,10 @@ class HiDiffRecipe(Recipe):
         parts["lr"] = self.seg_optimizer.param_groups[0]["lr"]
         return parts
 
+    def ready_to_validate(self, iteration: int) -> bool:
+        # Before the refiner has trained, the full inference runs an untrained refiner: nothing to keep.
+        return iteration > self.pretrain
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "network": self.network.state_dict(),
