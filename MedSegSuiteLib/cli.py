@@ -173,11 +173,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .batch import is_batch_input
     from .errors import InputError
     from .export import table_path_for
-    from .geometry import Box
+    from .geometry import Box, crop
     from .inference import Predictor
     from .io import read_image, write_image
     from .io.atomic import atomic_outputs, check_targets, compound_suffix
     from .models import ModelRegistry, load_model
+    from .preprocessing import check_channels
 
     if len(args.model) > 1 or args.shard or is_batch_input(args.input):
         return _segment_batch(args)
@@ -199,7 +200,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     check_targets(targets, overwrite=args.overwrite)
     roi = Box.parse(args.roi) if args.roi else None
     volume = read_image(args.input, series_uid=args.series_uid)
-    model = load_model(model_name, ModelRegistry())
+    entry = ModelRegistry().resolve(model_name)
+    check_channels(volume.channels, entry.card.input.channels, model=f"model {entry.card.id!r}")
+    model = load_model(entry)
     if args.batch_size:
         from .models.footprint import check_batch_fits
 
@@ -214,7 +217,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         print(f"note: {Path(args.input).name}: {change}", file=sys.stderr)
     from .inference.fit_check import fit_warnings
 
-    warnings = fit_warnings(shown, model.card)
+    warnings = fit_warnings(crop(shown, roi) if roi is not None else shown, model.card)
     for warning in warnings:
         print(f"warning: {Path(args.input).name}: {warning}", file=sys.stderr)
     predictor = Predictor(model, device=args.device, batch_size=args.batch_size, overlap=args.overlap, fast=args.fast)
@@ -387,6 +390,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             seed=args.seed,
             ensemble=args.ensemble,
             progress=bar,
+            neighbours=args.neighbours,
         )
     finally:
         bar.close()
@@ -676,9 +680,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # -- demo ------------------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import SAMPLE_NAME, run_demo
 
     result = run_demo(args.output, model=args.model, device=args.device)
+    for warning in result.warnings:
+        print(f"warning: {SAMPLE_NAME}: {warning}", file=sys.stderr)
     scores = ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())
     mean = sum(result.dice.values()) / len(result.dice)
     print(f"segmented the bundled hippocampus MRI sample with {args.model} in {result.seconds:.1f} s")
@@ -809,10 +815,13 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument(
         "--scope",
         default="volume",
-        choices=("volume", "slice", "roi"),
-        help="refine the whole volume, one slice or a box",
+        choices=("volume", "slice", "neighbours", "roi"),
+        help="refine the whole volume, one slice, one slice and its neighbours, or a box",
     )
-    ref.add_argument("--slice", type=int, help="axial slice index for --scope slice (0 = most inferior)")
+    ref.add_argument("--slice", type=int, help="axial slice index for --scope slice or neighbours (0 = most inferior)")
+    ref.add_argument(
+        "--neighbours", type=int, default=2, help="slices on either side for --scope neighbours (default: 2)"
+    )
     ref.add_argument("--roi", help="x0,y0,z0,x1,y1,z1 voxel box for --scope roi")
     ref.add_argument("--seed", type=int, default=0, help="same seed, same result")
     ref.add_argument("--ensemble", type=int, default=1, help="average this many chains (2+ gives an uncertainty map)")

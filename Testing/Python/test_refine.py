@@ -12,6 +12,7 @@ from MedSegSuiteLib.geometry import Box
 from MedSegSuiteLib.io import read_image, write_image
 from MedSegSuiteLib.models import load_model
 from MedSegSuiteLib.refine.refinement import Refiner, axial_index
+from MedSegSuiteLib.refine.simulated_user import correct_once, foreground_dice
 from MedSegSuiteLib.volume import Volume
 
 
@@ -92,6 +93,17 @@ def test_slice_and_roi_scopes_change_only_their_part(refiner, defective):
     outside = np.ones(mask.shape, bool)
     outside[box.numpy_slices()] = False
     assert np.array_equal(part.labels.array[outside], mask.array[outside])
+
+
+def test_neighbours_scope_refines_the_slice_and_its_neighbours_only(refiner, defective):
+    image, mask, _ = defective
+    stacked = Volume(np.concatenate([image.array] * 3), image.spacing, image.origin)  # nine slices: 0-8
+    labels = stacked.with_array(np.concatenate([mask.array] * 3))
+    near = refiner.refine(stacked, labels, steps=5, scope="neighbours", slice_index=4, neighbours=1, seed=0)
+    assert near.slices == (3, 4, 5)
+    assert np.array_equal(near.labels.array[[0, 1, 2, 6, 7, 8]], labels.array[[0, 1, 2, 6, 7, 8]])
+    edge = refiner.refine(stacked, labels, steps=5, scope="neighbours", slice_index=0, seed=0)
+    assert edge.slices == (0, 1, 2)
 
 
 def test_bad_requests_are_refused(refiner, defective, unet3d_dir):
@@ -205,3 +217,26 @@ def test_condseg_can_be_hidiffs_segmentor(tmp_path, defective):
     assert code == 0
     refined = Refiner(load_model(tmp_path / "model"), device="cpu").refine(image, mask, steps=2)
     assert refined.labels.shape == mask.shape
+
+
+def test_the_simulated_user_corrects_the_worst_slice_or_the_largest_wrong_region():
+    truth = np.zeros((4, 10, 10), np.uint8)
+    truth[:, 2:8, 2:8] = 1
+    mask = truth.copy()
+    mask[1, 2:8, 2:5] = 0  # 18 wrong voxels on slice 1
+    mask[3, 0:2, 0:2] = 2  # 4 wrong voxels on slice 3
+    first = correct_once(mask, truth)
+    assert first.slice_index == 1 and np.array_equal(first.mask[1], truth[1]) and first.keep[1].all()
+    assert not first.keep[[0, 2, 3]].any()
+    second = correct_once(first.mask, truth, first.keep)
+    assert second.slice_index == 3 and np.array_equal(second.mask, truth) and second.keep[[1, 3]].all()
+    assert correct_once(second.mask, truth, second.keep) is None
+    photo_truth = np.zeros((1, 12, 12), np.uint8)
+    photo_truth[0, 3:9, 3:9] = 1
+    photo = photo_truth.copy()
+    photo[0, 3:9, 3:5] = 0  # the largest wrong region: 12 pixels
+    photo[0, 0, 11] = 1  # a single wrong pixel elsewhere
+    fixed = correct_once(photo, photo_truth)
+    assert np.array_equal(fixed.keep[0].nonzero()[1], np.tile([3, 4], 6)) and fixed.mask[0, 0, 11] == 1
+    assert foreground_dice(fixed.mask, photo_truth, ~fixed.keep) < 1.0
+    assert foreground_dice(photo_truth, photo_truth) == 1.0 and foreground_dice(photo * 0, photo * 0) == 1.0
