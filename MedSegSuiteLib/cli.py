@@ -391,6 +391,7 @@ def _cmd_refine(args: argparse.Namespace) -> int:
             ensemble=args.ensemble,
             progress=bar,
             neighbours=args.neighbours,
+            spread=args.spread,
         )
     finally:
         bar.close()
@@ -821,6 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--slice", type=int, help="axial slice index for --scope slice or neighbours (0 = most inferior)")
     ref.add_argument(
         "--neighbours", type=int, default=2, help="slices on either side for --scope neighbours (default: 2)"
+    )
+    ref.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="0-1: how strongly your edited slices guide the slices beside them (up to --neighbours away)",
     )
     ref.add_argument("--roi", help="x0,y0,z0,x1,y1,z1 voxel box for --scope roi")
     ref.add_argument("--seed", type=int, default=0, help="same seed, same result")

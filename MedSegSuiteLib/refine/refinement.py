@@ -60,6 +60,20 @@ def axial_index(volume: Volume, lps: Union[tuple[float, float, float], np.ndarra
     return index
 
 
+def _nearest_edited(kept: np.ndarray, reach: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """For every axial slice of ``kept`` ``[z, y, x]``: the nearest slice holding kept voxels and its
+    distance (0 for such a slice itself and for slices farther than ``reach``: they get no guide)."""
+    edited = np.nonzero(kept.reshape(kept.shape[0], -1).any(1))[0]
+    if edited.size == 0:
+        return None
+    slices = np.arange(kept.shape[0])
+    gaps = np.abs(slices[:, None] - edited[None, :])
+    source = edited[gaps.argmin(1)]
+    distance = gaps.min(1)
+    distance[distance > reach] = 0
+    return np.where(distance > 0, source, slices), distance
+
+
 class Refiner:
     """Runs refinement steps with a HiDiff model.
 
@@ -124,14 +138,27 @@ class Refiner:
         steps: int,
         ensemble: int,
         generator: torch.Generator,
+        guide: Optional[np.ndarray] = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``[B, C, h, w]``, class maps and keep ``[B, h, w]`` -> (label classes, uncertainty) ``[B, h, w]``."""
+        """Image ``[B, C, h, w]``, class maps and keep ``[B, h, w]`` -> (label classes, uncertainty) ``[B, h, w]``.
+
+        ``guide`` (``[B, h, w]`` class maps and ``[B]`` weights, see :meth:`refine`'s ``spread``)
+        blends a nearby edited slice into each slice's mask: the mask becomes soft there.
+        """
         net, diffusion = self.network, self.network.diffusion
         h, w = image.shape[-2:]
         size = (self.card.input.size_xy[1], self.card.input.size_xy[0])
         x = F.interpolate(torch.from_numpy(image).to(self.device), size=size, mode="bilinear", align_corners=False)
         m_full = mask_to_channels(torch.from_numpy(classes), net.num_classes).to(self.device)
-        m = F.interpolate(m_full, size=size, mode="nearest")
+        if guide is not None:
+            guide_classes, weights = guide
+            g = mask_to_channels(torch.from_numpy(guide_classes), net.num_classes).to(self.device)
+            weight = torch.from_numpy(weights.astype(np.float32)).to(self.device).view(-1, 1, 1, 1)
+            m_full = (1 - weight) * m_full + weight * g
+        if guide is None:
+            m = F.interpolate(m_full, size=size, mode="nearest")
+        else:
+            m = F.interpolate(m_full, size=size, mode="bilinear", align_corners=False)
         k = (
             None
             if keep is None
@@ -177,6 +204,7 @@ class Refiner:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[threading.Event] = None,
         neighbours: int = 2,
+        spread: float = 0.0,
     ) -> Refinement:
         """Refine ``mask`` (a label map on ``volume``'s grid) with ``steps`` diffusion steps.
 
@@ -186,9 +214,14 @@ class Refiner:
         ``roi`` (a voxel box of the input) inside the box only. ``keep`` (non-zero
         voxels, same grid) never change. ``steps = 0`` returns the mask unchanged.
         Outside the scope the mask is returned as it was.
+        ``spread`` (0 to 1) carries the clinician's edits to the slices near them: a slice
+        without edits, ``d`` slices (at most ``neighbours``) from the nearest slice that has
+        some, starts from its mask blended with that slice's labels at weight ``spread ** d``.
         """
         if scope not in SCOPES:
             raise InputError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if not 0.0 <= spread <= 1.0 or neighbours < 0:
+            raise InputError(f"spread must be between 0 and 1 and neighbours at least 0, got {spread} and {neighbours}")
         self._check(volume, mask, keep, steps, ensemble)
         if steps == 0:
             return Refinement(mask.with_array(mask.array.copy()))
@@ -207,6 +240,8 @@ class Refiner:
                 ensemble,
                 progress,
                 cancel,
+                neighbours=neighbours,
+                spread=spread,
             )
             labels = mask.array.copy()
             labels[roi.numpy_slices()] = part.labels.array
@@ -231,6 +266,9 @@ class Refiner:
             chosen = list(range(max(0, slice_index - reach), min(depth, slice_index + reach + 1)))
         else:
             chosen = [int(z) for z in np.nonzero(classes.reshape(depth, -1).any(1))[0]]
+        sources = _nearest_edited(kept, neighbours) if spread > 0 and kept is not None else None
+        if sources is not None and scope == "volume":  # slices beside an edit may hold no mask voxel yet
+            chosen = sorted(set(chosen) | {int(z) for z in np.nonzero(sources[1])[0]})
         refined = classes.copy()
         uncertainty = np.zeros(classes.shape, np.float32) if ensemble > 1 else None
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -239,6 +277,10 @@ class Refiner:
         for start in range(0, total, self.batch_size):
             check_cancelled(cancel)
             batch = chosen[start : start + self.batch_size]
+            guide = None
+            if sources is not None:
+                source, distance = sources[0][batch], sources[1][batch]
+                guide = (classes[source], np.where(distance > 0, float(spread) ** distance, 0.0))
             out, unc = self._refine_batch(
                 np.ascontiguousarray(data[:, batch].transpose(1, 0, 2, 3)),
                 classes[batch],
@@ -246,6 +288,7 @@ class Refiner:
                 steps,
                 ensemble,
                 generator,
+                guide,
             )
             refined[batch] = out
             if uncertainty is not None:

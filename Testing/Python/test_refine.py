@@ -106,8 +106,27 @@ def test_neighbours_scope_refines_the_slice_and_its_neighbours_only(refiner, def
     assert edge.slices == (0, 1, 2)
 
 
+def test_spread_carries_an_edited_slice_to_the_slices_beside_it(refiner, defective):
+    image, mask, truth = defective
+    stacked = Volume(np.concatenate([image.array] * 3), image.spacing, image.origin)
+    labels = np.concatenate([truth] * 3).astype(np.uint8)
+    labels[5:7] = 0  # the segmentor missed the structure on slices 5 and 6
+    keep = np.zeros_like(labels)
+    keep[4] = 1  # the clinician corrected slice 4
+    plain = refiner.refine(stacked, stacked.with_array(labels), 1, stacked.with_array(keep), seed=0)
+    assert 5 not in plain.slices and not plain.labels.array[5:7].any()
+    spread = refiner.refine(
+        stacked, stacked.with_array(labels), 1, stacked.with_array(keep), seed=0, spread=0.9, neighbours=2
+    )
+    assert {5, 6} <= set(spread.slices)
+    assert _dice(spread.labels.array[5], truth[2]) > 0.6  # from nothing to most of the disc
+    assert np.array_equal(spread.labels.array[4], labels[4])
+
+
 def test_bad_requests_are_refused(refiner, defective, unet3d_dir):
     image, mask, _ = defective
+    with pytest.raises(InputError, match="spread must be between 0 and 1"):
+        refiner.refine(image, mask, steps=3, spread=1.5)
     with pytest.raises(InputError, match="the mask is empty"):
         refiner.refine(image, mask.with_array(np.zeros_like(mask.array)), steps=3)
     with pytest.raises(InputError, match="label value\\(s\\) \\[7\\]"):

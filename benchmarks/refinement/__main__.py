@@ -2,7 +2,8 @@
 
     python benchmarks/refinement --kind photos|volumes [--segmentor ID] [--refiner ID]
         [--data FOLDER] [--cases N] [--steps 1 2 3 5 10] [--scopes volume neighbours]
-        [--corrections 1 2 3 5] [--default-steps 3] [--default-scope volume]
+        [--spread 0 0.5] [--corrections 1 2 3 5] [--default-steps 3] [--default-scope volume]
+        [--default-spread 0]
         [--threads 2] [--out benchmarks/results/refinement-<kind>]
 
 Only validation cases are used: those both models' cards list under
@@ -13,7 +14,8 @@ Only validation cases are used: those both models' cards list under
    with the most wrong voxels (volumes) or the bounding box of the largest wrong region
    (photos) is replaced by the reference and kept;
 3. the refiner runs from the corrected mask with the edits kept, for every ``--steps`` and
-   ``--scopes`` (``neighbours``: the corrected slice and two on either side).
+   ``--scopes`` (``neighbours``: the corrected slice and two on either side) and ``--spread``
+   (how strongly a corrected slice guides the slices beside it; see ``Refiner.refine``).
 
 Reported per setting: mean and worst Dice of the segmentor alone, of the corrected mask
 and of the refined mask, on the whole case and outside the edited voxels, the change
@@ -56,9 +58,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=20, help="validation cases to use (the first N, sorted)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     parser.add_argument("--scopes", nargs="+", help="refinement scopes (default: volume, and neighbours for volumes)")
+    parser.add_argument("--spread", type=float, nargs="+", default=[0.0], help="edit spreading weights to try")
     parser.add_argument("--corrections", type=int, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--default-steps", type=int, default=3, help="steps of the interactive curve")
     parser.add_argument("--default-scope", default="volume", help="scope of the interactive curve")
+    parser.add_argument("--default-spread", type=float, default=0.0, help="edit spreading of the interactive curve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="results path without suffix (default: benchmarks/results/refinement-KIND)")
     return parser.parse_args(argv)
@@ -113,20 +117,20 @@ def run_case(
     out["corrected_outside"] = foreground_dice(first.mask, truth, outside)
     out["settings"] = {}
     mask, keep = _label_volume(first.mask, image_c.grid), _label_volume(first.keep, image_c.grid)
-    for scope in scopes:
-        for steps in args.steps:
-            started = time.perf_counter()
-            result = refiner.refine(image_c, mask, steps, keep, scope=scope, slice_index=first.slice_index)
-            seconds = time.perf_counter() - started
-            refined = np.asarray(result.labels.array)
-            if not np.array_equal(refined[first.keep], first.mask[first.keep]):
-                raise AssertionError("refinement changed an edited voxel")
-            out["settings"][f"{scope}/{steps}"] = {
-                "dice": foreground_dice(refined, truth),
-                "dice_outside": foreground_dice(refined, truth, outside),
-                "seconds_per_step": seconds / steps,
-                "slices": len(result.slices),
-            }
+    settings = [(scope, steps, spread) for scope in scopes for steps in args.steps for spread in args.spread]
+    for scope, steps, spread in settings:
+        started = time.perf_counter()
+        result = refiner.refine(image_c, mask, steps, keep, scope=scope, slice_index=first.slice_index, spread=spread)
+        seconds = time.perf_counter() - started
+        refined = np.asarray(result.labels.array)
+        if not np.array_equal(refined[first.keep], first.mask[first.keep]):
+            raise AssertionError("refinement changed an edited voxel")
+        out["settings"][f"{scope}/{steps}/{spread:g}"] = {
+            "dice": foreground_dice(refined, truth),
+            "dice_outside": foreground_dice(refined, truth, outside),
+            "seconds_per_step": seconds / steps,
+            "slices": len(result.slices),
+        }
     out["curve"] = _curve(image_c, segmented, truth, refiner, args)
     return out
 
@@ -152,6 +156,7 @@ def _curve(image_c: Any, segmented: np.ndarray, truth: np.ndarray, refiner: Any,
                 _label_volume(step.keep, image_c.grid),
                 scope=args.default_scope,
                 slice_index=step.slice_index,
+                spread=args.default_spread,
             )
             refined = np.asarray(result.labels.array)
         if n in args.corrections:
@@ -208,8 +213,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, header: dict[str
         f"| corrected mask (1 correction) | {summary['corrected']['mean']:.4f} | {summary['corrected']['worst']:.4f} "
         f"| {summary['corrected_outside']['mean']:.4f} |",
         "",
-        "| scope / steps | mean Dice | worst Dice | mean change vs corrected | worst change | Dice outside edits "
-        "| change outside | s per step | meets the bar |",
+        "| scope / steps / spread | mean Dice | worst Dice | mean change vs corrected | worst change "
+        "| Dice outside edits | change outside | s per step | meets the bar |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["settings"].items():
@@ -221,7 +226,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, header: dict[str
     corrections = list(summary["curve"]["corrected"])
     lines += [
         "",
-        f"Interactive curve (refinement at {args.default_scope}/{args.default_steps} after each correction):",
+        f"Interactive curve (refinement at {args.default_scope}/{args.default_steps}/{args.default_spread:g} after "
+        "each correction):",
         "",
         "| corrections | 0 | " + " | ".join(corrections) + " |",
         "|---" * (len(corrections) + 2) + "|",
