@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import Grid
 from .atomic import atomic_output
+from .dicom_enhanced import is_enhanced
 from .segmentation import GRID_TOLERANCE_MM, Segment, Segmentation, describe_grid
 
 __all__ = ["AlgorithmInfo", "SourceSeries", "read_dicom_seg", "read_source_series", "write_dicom_seg"]
@@ -84,7 +85,7 @@ def read_source_series(folder: PathLike, series_uid: Optional[str] = None) -> So
             dataset = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError):
             continue
-        if "ImagePositionPatient" not in dataset or "SeriesInstanceUID" not in dataset:
+        if "SeriesInstanceUID" not in dataset or ("ImagePositionPatient" not in dataset and not is_enhanced(dataset)):
             continue
         by_series.setdefault(str(dataset.SeriesInstanceUID), []).append(dataset)
     if not by_series:
@@ -97,12 +98,15 @@ def read_source_series(folder: PathLike, series_uid: Optional[str] = None) -> So
     elif series_uid not in by_series:
         raise InputError(f"DICOM series {series_uid} is not in {folder}; series there: {', '.join(by_series)}")
     datasets = by_series[series_uid]
+    if any(int(getattr(d, "NumberOfFrames", 1) or 1) > 1 for d in datasets):
+        raise InputError(
+            f"{folder}: a DICOM SEG cannot yet reference multi-frame (enhanced) source images; export the "
+            "segmentation as .seg.nrrd (Slicer) or as a NIfTI or NRRD label map (.nii.gz, .nrrd) instead"
+        )
     if any(not str(getattr(d, "FrameOfReferenceUID", "") or "") for d in datasets):
         raise InputError(
             f"{folder}: the series has no Frame of Reference UID (0020,0052), which a DICOM SEG must share with it"
         )
-    if any(int(getattr(d, "NumberOfFrames", 1) or 1) > 1 for d in datasets):
-        raise InputError(f"{folder}: multi-frame (enhanced) source images are not supported for DICOM SEG")
     grid = read_image(folder, series_uid=series_uid).grid
     indices = []
     for dataset in datasets:

@@ -1,4 +1,4 @@
-"""Reading and writing images: NIfTI, NRRD, MetaImage, DICOM series and 2D rasters.
+"""Reading and writing images: NIfTI, NRRD, MetaImage, DICOM series, enhanced DICOM and 2D rasters.
 
 Volumes come back as :class:`~MedSegSuiteLib.volume.Volume` in LPS with SimpleITK's
 geometry conventions; 2D images become one-slice volumes (RGB as three channels).
@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..volume import Volume
 from .atomic import atomic_output, compound_suffix
+from .dicom_enhanced import read_enhanced
 from .dicom_series import check_series, describe_series, resample_uniform
 from .headers import check_header
 
@@ -118,6 +119,8 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
             f"DICOM series {series_uid} in {folder} is a {described[series_uid].modality} object, not an image series"
         )
     files = found[series_uid]
+    if described[series_uid].enhanced:  # GDCM's geometry of multi-frame images is not to be trusted
+        return read_enhanced(files, folder)
     geometry = check_series(folder, files)
     if geometry is not None:
         from ..memory import check_fits
@@ -277,7 +280,8 @@ def _check_size(path: Path) -> None:
 def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     """Read an image file or a DICOM series folder into a :class:`Volume`.
 
-    Accepts NIfTI, NRRD, MetaImage, a folder (or one file) of a DICOM series, and 2D
+    Accepts NIfTI, NRRD, MetaImage, a folder (or one file) of a DICOM series, an
+    enhanced (multi-frame) DICOM image or a folder holding it, and 2D
     PNG/JPEG/TIFF/BMP/GIF images. Raises :class:`InputError` with the reason for a
     missing, unreadable, truncated or unsupported file.
     """
@@ -292,6 +296,9 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     if suffix == ".dcm":
         uid = series_uid
         if uid is None:
+            info = describe_series([str(path)])
+            if info.enhanced and info.is_image:  # a multi-frame image is a volume by itself
+                return read_enhanced([path])
             probe = sitk.ImageFileReader()
             probe.SetFileName(str(path))
             try:
