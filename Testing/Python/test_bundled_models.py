@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, dice, real_data
+from conftest import dice, real_data
 
 from MedSegSuiteLib.inference import Predictor
-from MedSegSuiteLib.io import read_image
 from MedSegSuiteLib.models import ModelRegistry, load_model
 from MedSegSuiteLib.resources import resources_dir
 
@@ -37,31 +38,29 @@ def test_a_bundled_model_loads_and_its_card_says_where_it_came_from(user_home, m
     assert card.resources["cpu_seconds_per_case"] > 0
 
 
-def _validation_cases(model_id: str, folder: str, count: int) -> list:
-    card = load_model(model_id).card
-    real_data(folder)
-    return card.training["validation_ids"][:count]
+#: voxel spacing of HDF5 data sets, which store none (``../shared/data/README.md``)
+H5_SPACING = {"la_mri_2018": (0.625, 0.625, 0.625)}
 
 
-def test_the_polyp_model_finds_polyps_in_photos_it_never_trained_on(user_home):
-    ids = _validation_cases("polyp-banet-lite", "kvasir_seg", 8)
-    predictor = Predictor(load_model("polyp-banet-lite"), device="cpu")
+@pytest.mark.parametrize("model_id", BUNDLED)
+def test_every_bundled_model_segments_cases_it_never_trained_on(user_home, model_id):
+    """A few of the card's own validation cases, read from ../shared/data, segmented at their own resolution."""
+    from MedSegSuiteLib.training.datasets import discover_cases, load_cases
+
+    model = load_model(model_id)
+    card = model.card
+    trained_on = Path(card.training["data"])
+    folder = trained_on.parent.name if trained_on.name == "h5" else trained_on.name
+    data = real_data(folder) / ("h5" if trained_on.name == "h5" else "")
+    ids = set(card.training["validation_ids"][:3])
+    cases = load_cases([c for c in discover_cases(data) if c.id in ids], H5_SPACING.get(folder, (1.0, 1.0, 1.0)))
+    assert len(cases) == 3
+    predictor = Predictor(model, device="cpu")
+    values = [label.value for label in card.labels]
     scores = []
-    for case in ids:
-        image = read_image(SHARED_DATA / "kvasir_seg" / "images" / f"{case}.jpg")
-        truth = read_image(SHARED_DATA / "kvasir_seg" / "masks" / f"{case}.jpg").array > 127
+    for case_id, image, truth in cases:
         labels = predictor.predict(image).labels
-        assert labels.shape == image.shape and set(np.unique(labels.array)) <= {0, 1}
-        scores.append(dice(labels.array > 0, truth))
-    assert np.mean(scores) > 0.6, scores
-
-
-def test_the_hippocampus_model_segments_volumes_it_never_trained_on(user_home):
-    ids = _validation_cases("hippocampus-dnet-lite", "msd_hippocampus", 4)
-    predictor = Predictor(load_model("hippocampus-dnet-lite"), device="cpu")
-    for case in ids:
-        image = read_image(SHARED_DATA / "msd_hippocampus" / "images" / f"{case}.nii.gz")
-        truth = read_image(SHARED_DATA / "msd_hippocampus" / "labels" / f"{case}.nii.gz").array
-        labels = predictor.predict(image).labels.array
-        for value in (1, 2):
-            assert dice(labels == value, truth == value) > 0.6, (case, value)
+        assert labels.shape == image.shape and set(np.unique(labels.array)) <= {0, *values}, case_id
+        scores.append(np.mean([dice(labels.array == v, truth.array == v) for v in values]))
+    recorded = next(m["value"] for m in card.metrics if m["name"] == "dice")
+    assert np.mean(scores) > min(0.6, recorded - 0.15), (model_id, scores, recorded)
