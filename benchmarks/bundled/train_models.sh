@@ -35,7 +35,7 @@ hippocampus-dnet-lite() {
   train hippocampus-dnet-lite --network dnet --preset lite --data "$data/msd_hippocampus" \
     --name "Hippocampus (D-Net lite)" \
     --description "Anterior and posterior hippocampus on T1-weighted MRI, trained on the Medical Segmentation Decathlon hippocampus task." \
-    --labels "$labels/hippocampus_labels.json" --iterations 3000 --batch-size 2 \
+    --labels "$labels/hippocampus_labels.json" --iterations 2000 --batch-size 2 \
     --patch 32,64,32 --spacing 1,1,1 --validate-every 250 --recipe "augment={'flip_axes':'x'}" \
     --data-licence "CC BY-SA 4.0 (Medical Segmentation Decathlon)"
   python benchmarks/bundled/package_model.py "$out/hippocampus-dnet-lite" "$data/msd_hippocampus"
