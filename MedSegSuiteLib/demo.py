@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 from .errors import InputError
 from .inference import Predictor
+from .inference.fit_check import fit_warnings
 from .io import read_image, write_image
 from .io.atomic import atomic_output
 from .models import ModelRegistry, load_model
+from .preprocessing import check_channels
 from .resources import resources_dir
 from .review_picture import ContourLabel, review_png
 from .training.metrics import case_metrics
@@ -20,14 +22,19 @@ __all__ = ["SAMPLE_MODEL", "DemoResult", "run_demo", "sample_paths"]
 
 SAMPLE_MODEL = "hippocampus-dnet-lite"
 SAMPLE_NAME = "MSD-Hippocampus-sample"
+SAMPLE_MODALITY = "MR"
 
 
 @dataclass
 class DemoResult:
+    """What the demo wrote and measured; ``warnings`` say how the sample is far from what the model was
+    trained on (see :func:`~MedSegSuiteLib.inference.fit_check.fit_warnings`), empty when it fits."""
+
     labels_path: Path
     overlay_path: Path
     dice: dict[str, float]
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def sample_paths() -> tuple[Path, Path]:
@@ -44,7 +51,9 @@ def run_demo(
 ) -> DemoResult:
     """Segment the bundled sample, write labels + a review picture into ``output``, and compare with its reference.
 
-    Refuses (InputError) a 2D model before any work: the sample is a volume.
+    Refuses (InputError) a 2D model, or one whose channels the channel rule cannot map from the
+    sample's one, before any work: the sample is an MRI volume. The result's ``warnings`` (also
+    written to ``sample-dice.json``) say how the sample is far from the model's training inputs.
     """
     import time
 
@@ -58,6 +67,8 @@ def run_demo(
             f"give a 3D model, such as {SAMPLE_MODEL}"
         )
     image, truth = read_image(image_path), read_image(label_path)
+    check_channels(image.channels, loaded.card.input.channels, image="the sample", model=loaded.card.id)
+    warnings = fit_warnings(image, loaded.card, modality=SAMPLE_MODALITY, roi_hint="medsegsuite segment --roi")
     started = time.perf_counter()
     result = Predictor(loaded, device=device).predict(image)
     seconds = time.perf_counter() - started
@@ -76,6 +87,9 @@ def run_demo(
     )
     with atomic_output(output / "sample-dice.json", overwrite=True) as tmp:
         Path(tmp).write_text(
-            json.dumps({"model": loaded.card.id, "dice": dice, "seconds": seconds}, indent=2), encoding="utf-8"
+            json.dumps(
+                {"model": loaded.card.id, "dice": dice, "seconds": seconds, "input_warnings": warnings}, indent=2
+            ),
+            encoding="utf-8",
         )
-    return DemoResult(labels_path, overlay_path, dice, seconds)
+    return DemoResult(labels_path, overlay_path, dice, seconds, warnings)

@@ -17,7 +17,9 @@ A model card's ``input.normalization`` is one of:
 
 Channel rule: a grey image given to a 3-channel model is replicated to three
 channels; an RGB image given to a 1-channel model becomes its luminance
-(ITU-R BT.601 weights). Other mismatches are refused.
+(ITU-R BT.601 weights). Other mismatches (a 2-channel or 4-or-more-channel image, or any
+image for a model of 2 or 4+ channels with another count) have no meaningful mapping and are
+refused: :func:`check_channels` says so before any work, :func:`match_channels` applies the rule.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["NORMALIZATIONS", "match_channels", "normalize", "validate_normalization"]
+__all__ = ["NORMALIZATIONS", "channels_map", "check_channels", "match_channels", "normalize", "validate_normalization"]
 
 NORMALIZATIONS = ("none", "zscore", "scale", "imagenet", "window", "percentile")
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -54,19 +56,39 @@ def validate_normalization(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def channels_map(have: int, channels: int) -> bool:
+    """True when the channel rule above turns a ``have``-channel image into the ``channels`` a model takes."""
+    return have == channels or (have, channels) in ((1, 3), (3, 1))
+
+
+def check_channels(
+    have: int, channels: int, image: str = "this image", model: str = "the model", remedy: str = ""
+) -> None:
+    """Refuse (InputError, one line) an image whose channels the channel rule cannot map onto the model's.
+
+    The message names both counts and what to do: ``remedy`` when given, else to choose a model for
+    ``have``-channel images or to make a ``channels``-channel copy of the image.
+    """
+    if channels_map(have, channels):
+        return
+    remedy = remedy or (
+        f"choose a model for {have}-channel images or make a {channels}-channel copy of the image first"
+    )
+    raise InputError(
+        f"{model} expects {channels}-channel images but {image} has {have} channels, and only grey to RGB and "
+        f"RGB to grey are converted: {remedy}"
+    )
+
+
 def match_channels(array: np.ndarray, channels: int) -> np.ndarray:
     """Return a ``(channels, z, y, x)`` array from a ``(c, z, y, x)`` one by the channel rule above."""
     have = array.shape[0]
+    check_channels(have, channels)
     if have == channels:
         return array
-    if have == 1 and channels == 3:
+    if have == 1:
         return np.repeat(array, 3, axis=0)
-    if have == 3 and channels == 1:
-        return np.tensordot(_LUMA, array.astype(np.float32, copy=False), axes=(0, 0))[None]
-    raise InputError(
-        f"the model expects {channels}-channel images but this image has {have} channels; "
-        f"choose a model for {have}-channel images or make a {channels}-channel copy of the image first"
-    )
+    return np.tensordot(_LUMA, array.astype(np.float32, copy=False), axes=(0, 0))[None]
 
 
 def normalize(array: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:

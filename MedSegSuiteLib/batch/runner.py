@@ -233,8 +233,11 @@ class BatchSegmenter:
         from ..inference.fit_check import fit_warnings
         from ..io import read_image
         from ..io.photos import prepare_photo
+        from ..preprocessing import check_channels
 
         volume = read_image(case.path)
+        for predictor in self.predictors:  # before any model runs, so a refused case writes nothing
+            check_channels(volume.channels, predictor.card.input.channels, model=f"model {predictor.card.id!r}")
         outcome = CaseOutcome(case.id, str(case.path), "done")
         results: dict[str, np.ndarray] = {}
         reference: Optional[Volume] = None

@@ -53,8 +53,13 @@ def _mm(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.0f}" for v in values) + " mm"
 
 
-def fit_warnings(volume: Volume, card: ModelCard, modality: Optional[str] = None) -> list[str]:
-    """Sentences saying how ``volume`` is far from what ``card``'s model was trained on (empty when it fits)."""
+def fit_warnings(volume: Volume, card: ModelCard, modality: Optional[str] = None, roi_hint: str = "--roi") -> list[str]:
+    """Sentences saying how ``volume`` is far from what ``card``'s model was trained on (empty when it fits).
+
+    ``modality`` (e.g. ``MR``), when known, is compared with the training modality; ``roi_hint`` says how
+    the user chooses a region where a sentence suggests segmenting one (``--roi`` on the command line).
+    Never raises for an input that merely does not fit.
+    """
     warnings: list[str] = []
     profile = (card.training or {}).get("inputs") if isinstance(card.training, dict) else None
     profile = profile if isinstance(profile, dict) else {}
@@ -74,7 +79,7 @@ def fit_warnings(volume: Volume, card: ModelCard, modality: Optional[str] = None
         if axes:
             warnings.append(
                 f"this image covers {_mm(size)}, far more than the {_mm(high)} (at most) {card.id} was trained on: "
-                "it may find the structure in the wrong place; segment an ROI around it (--roi)"
+                f"it may find the structure in the wrong place; segment an ROI around it ({roi_hint})"
             )
         elif any(size[i] * FOV_FACTOR < low[i] for i in range(3 if not volume.is_2d else 2)):
             warnings.append(

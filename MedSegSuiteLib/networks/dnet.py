@@ -436,7 +436,9 @@ def _stage(channels: int, rates: Sequence[float], layer_scale_init: float, varia
 
 
 def _rates(depths: Sequence[int], drop_path_rate: float) -> list[float]:
-    return [float(r) for r in torch.linspace(0, drop_path_rate, sum(depths))]
+    """Stochastic-depth rates rising linearly over the blocks, as the official code's ``torch.linspace``
+    gives them; computed on the CPU, so the network can also be built on the ``meta`` device."""
+    return torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence, Union
 import slicer
 
 from ..errors import InputError, MedSegSuiteError
+from ..preprocessing import check_channels
 from ..worker.client import WorkerClient
 from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, finetune_outcome, parent_label_map
 from .messages import _, describe_error
@@ -40,12 +41,13 @@ from .segmentations import (
     SegmentationBackup,
     create_segmentation_node,
     place_next_to,
+    record_input_warnings,
     remove_node,
     segment_ids,
     segment_mask,
     write_labels,
 )
-from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, volume_from_node
+from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, input_channels, volume_from_node
 
 __all__ = [
     "DEVICE_TITLES",
@@ -313,8 +315,12 @@ class SegmentationLogic:
 
         ``model`` is a registry entry, a model id or a model folder. Raises
         :class:`~MedSegSuiteLib.errors.InputError` (nothing started) when the choices
-        cannot work: no input, a busy worker, a 3D model on a 2D image, a region that
-        misses the volume.
+        cannot work: no input, a busy worker, a 3D model on a 2D image, channels the
+        channel rule cannot map onto the model's (see :func:`.volumes.input_channels`),
+        a region that misses the volume. The result's status names, after the usual
+        sentence, how the image is far from what the model was trained on (the worker's
+        ``warnings``); the result node keeps them in its ``MedSegSuite.inputWarnings``
+        attribute.
         """
         if self._task is not None:
             raise InputError("a segmentation is already running: wait for it or cancel it")
@@ -327,6 +333,15 @@ class SegmentationLogic:
             raise InputError(
                 f"{card.name} segments 3D volumes and {input_node.GetName()!r} is a single 2D image: choose a 2D model"
             )
+        have = input_channels(input_node)
+        check_channels(
+            have,
+            card.input.channels,
+            image=f"volume {input_node.GetName()!r}",
+            model=card.name,
+            remedy=f"choose a model for {have}-channel images, or a grey or RGB volume "
+            "(Vector to Scalar Volume makes a one-channel copy)",
+        )
         box = box_from_roi(region_node, input_node) if region_node is not None else None
         self._prune()
         job_dir = self.client.new_job_dir()
@@ -341,6 +356,7 @@ class SegmentationLogic:
                 "device": device or "auto",
                 "roi": [*box.start, *box.stop] if box is not None else None,
                 "fast": bool(fast),
+                "roi_hint": _("choose it as Region"),
             }
             job = self.client.submit("segment", params)
         except BaseException:
@@ -895,6 +911,10 @@ class SegmentationLogic:
         self.undo_stack.forget(output)  # a new result: earlier refinements cannot be undone into it
         self.ai_results.remember(output, labels.grid, masks, replace=True)
         info = dict(message.get("info", {}))
+        warnings = [str(w) for w in info.get("warnings") or []]
+        record_input_warnings(output, warnings)
+        for warning in warnings:
+            log.warning("%s with %s: %s", input_node.GetName(), card.id, warning)
         found = [label.name for label in card.labels if label.value in info.get("labels_present", [])]
         seconds = time.monotonic() - task.started
         device = str(info.get("device", "?")).replace("cpu", "CPU")
@@ -904,6 +924,8 @@ class SegmentationLogic:
             found=", ".join(found) if found else _("nothing found"),
             segmentation=repr(output.GetName()),
         )
+        if warnings:
+            text += " " + _("Check the result: {warnings}.").format(warnings="; ".join(warnings))
         return TaskStatus("done", text, output_node_id=output.GetID(), info=info)
 
     def _apply_refinement(self, task: _Task, message: dict[str, Any]) -> TaskStatus:

@@ -27,12 +27,14 @@ if TYPE_CHECKING:
     from ..models.card import Label
 
 __all__ = [
+    "TAG_INPUT_WARNINGS",
     "TAG_LABEL_VALUE",
     "TAG_MODEL",
     "create_segmentation_node",
     "frame_matrix",
     "geometry_matches",
     "place_next_to",
+    "record_input_warnings",
     "remove_node",
     "same_frame",
     "segment_ids",
@@ -48,6 +50,10 @@ __all__ = [
 
 TAG_MODEL = "MedSegSuite.model"
 TAG_LABEL_VALUE = "MedSegSuite.labelValue"
+#: Node attribute: how the input was far from what the model was trained on, sentences joined by " | "
+#: (the command line records the same in a .seg.nrrd header or a label table).
+TAG_INPUT_WARNINGS = "MedSegSuite.inputWarnings"
+WARNINGS_SEPARATOR = " | "
 
 
 def create_segmentation_node(reference_node: Any, name: Optional[str] = None, scene: Optional[Any] = None) -> Any:
@@ -288,6 +294,15 @@ def write_labels(
     display.SetVisibility(True)
     display.SetVisibility2D(True)
     return ids
+
+
+def record_input_warnings(segmentation_node: Any, warnings: Sequence[str]) -> None:
+    """Keep ``warnings`` in the node's :data:`TAG_INPUT_WARNINGS` attribute (saved with the scene);
+    none removes the attribute, so a later result that fits carries no earlier warning."""
+    if warnings:
+        segmentation_node.SetAttribute(TAG_INPUT_WARNINGS, WARNINGS_SEPARATOR.join(warnings))
+    elif segmentation_node.GetAttribute(TAG_INPUT_WARNINGS) is not None:
+        segmentation_node.RemoveAttribute(TAG_INPUT_WARNINGS)
 
 
 class SegmentationBackup:

@@ -29,6 +29,7 @@ __all__ = [
     "INPUT_VOLUME_CLASSES",
     "grid_from_node",
     "ijk_to_ras_matrix",
+    "input_channels",
     "input_volumes",
     "update_node_from_volume",
     "volume_from_node",
@@ -88,6 +89,16 @@ def volume_from_node(node: Any, copy: bool = True) -> Volume:
     if copy:
         array = np.array(array, copy=True)
     return Volume.on_grid(array, grid)
+
+
+def input_channels(node: Any) -> int:
+    """The channels of a volume node's image as the library reads it for a job: the node's scalar
+    components, with a 4-component (RGBA) image counted as RGB, since reading drops its alpha."""
+    image = node.GetImageData() if node is not None else None
+    if image is None:
+        raise InputError(f"volume {node.GetName() if node else '(none)'!r} has no image data; load an image first")
+    components = int(image.GetNumberOfScalarComponents())
+    return 3 if components == 4 else components
 
 
 def ijk_to_ras_matrix(grid: Grid) -> vtk.vtkMatrix4x4:

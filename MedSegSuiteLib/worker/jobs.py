@@ -12,8 +12,11 @@ Job kinds (:func:`default_handlers`):
     ``params``: ``model`` (model folder or id), ``input`` (image file), ``output``
     (label file to write; ``.nrrd`` recommended), ``device`` (``auto``/``cpu``/``cuda``/
     ``mps``, default ``auto``), ``roi`` (``[x0, y0, z0, x1, y1, z1]`` voxel box, end
-    exclusive, or null), ``fast`` (bool). ``outputs``: ``{"labels": output}``. ``info``:
-    model id and version, device, ``cache_hit``, ``labels_present`` and timings.
+    exclusive, or null), ``fast`` (bool), ``roi_hint`` (how the caller's user chooses a region,
+    named by a fit warning that suggests one; default ``--roi``). ``outputs``: ``{"labels": output}``.
+    ``info``: model id and version, device, ``cache_hit``, ``labels_present``, ``warnings`` (plain-words
+    sentences on how the image, or its ``roi``, is far from what the model was trained on; see
+    :func:`~MedSegSuiteLib.inference.fit_check.fit_warnings`) and timings.
 
 ``refine``
     HiDiff refinement steps starting from a (corrected) label map; see
@@ -198,14 +201,18 @@ def segment_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     """Segment ``params['input']`` with a (cached) model; see the module docstring for the parameters."""
     import numpy as np
 
+    from ..geometry import crop
     from ..inference import Predictor
+    from ..inference.fit_check import fit_warnings
     from ..io import read_image, write_image
+    from ..preprocessing import check_channels
 
     model = _param(params, "model", str)
     source = Path(_param(params, "input", str))
     target = Path(_param(params, "output", str))
     device = _param(params, "device", str, "auto")
     fast = _param(params, "fast", bool, False)
+    roi_hint = _param(params, "roi_hint", str, "--roi")
     roi = _roi(params.get("roi"))
     if not target.parent.is_dir():
         raise InputError(f"cannot write the result: folder {target.parent} does not exist")
@@ -216,6 +223,8 @@ def segment_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     loaded_at = time.perf_counter()
     context.progress(0, 1, "reading image")
     volume = read_image(source)
+    check_channels(volume.channels, loaded.card.input.channels, model=f"model {loaded.card.id!r}")
+    warnings = fit_warnings(crop(volume, roi) if roi is not None else volume, loaded.card, roi_hint=roi_hint)
     unit = "slices" if loaded.card.dims == 2 else "windows"
     predictor = Predictor(loaded, device=torch_device, fast=fast)
     prediction = predictor.predict(volume, roi=roi, progress=context.progress_in(unit), cancel=context.cancel)
@@ -230,6 +239,7 @@ def segment_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
             "device": str(torch_device),
             "cache_hit": hit,
             "labels_present": present,
+            "warnings": warnings,
             "seconds": {
                 "load": round(loaded_at - started, 3),
                 "predict": round(predicted_at - loaded_at, 3),

@@ -268,3 +268,60 @@ def test_a_folder_of_photos_gets_png_label_maps(tmp_path, capsys, unet2d_dir):
         assert labels.shape[-2:] == (48, 48) and record["status"] == "done"
         counts = next(iter(record["voxels"].values()))
         assert counts == {"Disc": int((labels.array == 1).sum())} and counts["Disc"] > 50
+
+
+def test_photos_turned_by_exif_or_stored_in_16_bits_give_the_same_files_in_a_batch_as_one_by_one(
+    tmp_path, capsys, unet2d_dir, monkeypatch
+):
+    """A JPEG displayed turned (EXIF orientation 6) and a 16-bit PNG: the network sees the same upright, 0-255
+    pixels in a batch as with ``segment``, and the label maps (on the stored pixels) and label tables are the same."""
+    import SimpleITK as sitk
+    from conftest import disc_image
+    from PIL import Image
+
+    from MedSegSuiteLib.inference import Predictor
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image, _ = disc_image(56, (16, 38), 9, seed=70)
+    stored = np.ascontiguousarray(np.moveaxis(image[:, 0, :40], 0, -1))  # 56 wide, 40 high as stored
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise: 40 wide, 56 high
+    picture.save(photos / "turned.jpg", exif=exif, quality=95)
+    image, _ = disc_image(48, (30, 20), 8, seed=71)
+    sixteen = np.moveaxis(image[:, 0], 0, -1).astype(np.uint16) * 200 + 1000  # 1000..52000: no 8-bit range
+    sitk.WriteImage(sitk.GetImageFromArray(sixteen, isVector=True), str(photos / "deep.png"))
+    seen: dict[str, list] = {"segment": [], "batch": []}
+    real = Predictor.predict
+
+    def record(self, volume, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        seen[mode].append((volume.shape, float(volume.array.max())))
+        return real(self, volume, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", record)
+    mode = "batch"
+    code, _, err = run(capsys, "segment", photos, "-m", unet2d_dir, "-o", tmp_path / "batch", "-q")
+    assert code == 0, err
+    mode = "segment"
+    (tmp_path / "one").mkdir()
+    for source in ("deep.png", "turned.jpg"):
+        target = tmp_path / "one" / f"{Path(source).stem}.png"
+        code, _, err = run(capsys, "segment", photos / source, "-m", unet2d_dir, "-o", target, "-q")
+        assert code == 0, err
+    assert sorted(seen["batch"]) == sorted(seen["segment"])
+    assert sorted(shape for shape, _ in seen["batch"]) == [(1, 48, 48), (1, 56, 40)]  # upright (Volume.shape: z, y, x)
+    assert all(top < 255.01 for _, top in seen["batch"]), seen  # 16 bits scaled onto the 8-bit range
+    _, document = _summary(tmp_path / "batch")
+    notes = {record["id"]: record["warnings"] for record in document["cases"]}
+    assert any("EXIF orientation (6)" in note for note in notes["turned"])
+    assert any("16-bit photo by its own range" in note for note in notes["deep"])
+    for name, shape in (("turned", (1, 40, 56)), ("deep", (1, 48, 48))):
+        batch, one = read_image(tmp_path / "batch" / f"{name}.png"), read_image(tmp_path / "one" / f"{name}.png")
+        assert batch.shape == shape and np.array_equal(batch.array, one.array), name
+        assert batch.grid.same_as(one.grid)
+        assert (batch.array == 1).sum() > 20, "a disc was found, so equal files say something"
+        tables = [
+            json.loads((tmp_path / f / f"{name}.labels.json").read_text(encoding="utf-8")) for f in ("batch", "one")
+        ]
+        assert tables[0] == tables[1]

@@ -27,8 +27,9 @@ def user_home(tmp_path, monkeypatch):
 def test_demo_segments_the_bundled_sample_and_reports_dice(tmp_path, user_home, capsys):
     assert SAMPLE_MODEL in {entry.card.id for entry in ModelRegistry().entries()}, "the demo model is not bundled"
     assert main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    printed, warned = capsys.readouterr()
     assert f"with {SAMPLE_MODEL}" in printed and "Dice against the sample's reference label" in printed
+    assert "warning" not in warned, "the sample is what the bundled model was trained on"
 
     image_path, label_path = sample_paths()
     labels = read_image(tmp_path / "demo" / "sample-labels.nrrd")
@@ -37,7 +38,7 @@ def test_demo_segments_the_bundled_sample_and_reports_dice(tmp_path, user_home, 
     assert set(np.unique(labels.array)) <= {0, 1, 2}
 
     report = json.loads((tmp_path / "demo" / "sample-dice.json").read_text(encoding="utf-8"))
-    assert report["model"] == SAMPLE_MODEL
+    assert report["model"] == SAMPLE_MODEL and report["input_warnings"] == []
     for name, value in report["dice"].items():
         assert value > 0.6, f"{name}: Dice {value} on the bundled sample"
         assert f"{name} {value:.3f}" in printed

@@ -96,3 +96,61 @@ def test_the_bundled_hippocampus_card_records_its_training_inputs():
     assert profile["modality"] == "MR" and max(profile["fov_mm"]["max"]) < 60
     brain = Volume(np.zeros((180, 220, 180), np.float32), (1.0, 1.0, 1.0))
     assert any("--roi" in w for w in fit_warnings(brain, load_card(card_path)))
+
+
+def _bundled_hippocampus() -> Path:
+    folder = resources_dir() / "Models" / "hippocampus-dnet-lite"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("bundled models are not installed")
+    return folder
+
+
+def test_segment_with_the_bundled_hippocampus_model_warns_about_a_large_volume_unless_an_roi_fits(capsys, tmp_path):
+    """96 x 60 x 46 mm is more than twice the 43 mm width of the largest training crop: the ROI warning, recorded in
+    the result; an ROI of a crop's size gets none (the warning is about what the network sees)."""
+    model = _bundled_hippocampus()
+    head = np.random.default_rng(3).normal(30000, 8000, (46, 60, 96)).astype(np.float32)
+    source = write_image(Volume(head, (1.0, 1.0, 1.0)), tmp_path / "head.nrrd")
+    out = tmp_path / "r.seg.nrrd"
+    code, _, err = run(capsys, "segment", source, "-m", model, "-o", out, "--device", "cpu", "--fast", "-q")
+    assert code == 0, err
+    warning = (
+        "this image covers 96 x 60 x 46 mm, far more than the 43 x 58 x 46 mm (at most) hippocampus-dnet-lite was "
+        "trained on: it may find the structure in the wrong place; segment an ROI around it (--roi)"
+    )
+    assert f"warning: head.nrrd: {warning}" in err
+    header = out.read_bytes().split(b"\n\n")[0].decode()
+    assert f"MedSegSuite_InputWarnings:={warning}" in header
+    code, _, err = run(capsys, "segment", source, "-m", model, "-o", out, "--device", "cpu", "--fast", "-q")
+    assert code == 2 and "already exists" in err
+    roi = ["--roi", "30,5,3,70,55,43", "--overwrite"]
+    code, _, err = run(capsys, "segment", source, "-m", model, "-o", out, "--device", "cpu", "--fast", "-q", *roi)
+    assert code == 0 and "warning" not in err, err
+    assert b"MedSegSuite_InputWarnings" not in out.read_bytes().split(b"\n\n")[0]
+
+
+def test_demo_prints_and_records_the_warnings_of_a_model_trained_on_other_images(capsys, tmp_path, monkeypatch):
+    """A copy of the bundled model whose card says it was trained on small CT crops: the MRI sample is named as
+    both too large and of another modality, on standard error and in sample-dice.json."""
+    import shutil
+
+    monkeypatch.setenv("MEDSEGSUITE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MEDSEGSUITE_RESOURCES", raising=False)
+    folder = tmp_path / "ct-crops"
+    shutil.copytree(_bundled_hippocampus(), folder)
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    card["id"] = "ct-crops"
+    card["training"]["inputs"].update(modality="CT", fov_mm={"min": [8.0, 8.0, 8.0], "max": [12.0, 12.0, 12.0]})
+    (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    code, out, err = run(capsys, "demo", "-m", folder, "-o", tmp_path / "demo", "--device", "cpu")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert lines == [
+        "warning: MSD-Hippocampus-sample: ct-crops was trained on CT images; this is MR",
+        "warning: MSD-Hippocampus-sample: this image covers 34 x 52 x 35 mm, far more than the 12 x 12 x 12 mm "
+        "(at most) ct-crops was trained on: it may find the structure in the wrong place; segment an ROI around it "
+        "(medsegsuite segment --roi)",
+    ], err
+    assert "Dice against the sample's reference label" in out
+    recorded = json.loads((tmp_path / "demo" / "sample-dice.json").read_text(encoding="utf-8"))["input_warnings"]
+    assert recorded == [line.split(": ", 2)[2] for line in lines]

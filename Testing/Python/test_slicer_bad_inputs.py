@@ -155,12 +155,18 @@ def _single_slice():
     return add_volume_node(Volume(np.random.default_rng(0).normal(100, 20, (1, 24, 24)).astype(np.float32)), "Slice")
 
 
-def _two_channels():
-    from MedSegSuiteLib.slicer.volumes import add_volume_node
-    from MedSegSuiteLib.volume import Volume
+def _channels(count, name=None):
+    """A maker of a ``count``-channel (vector) volume node."""
 
-    echoes = np.random.default_rng(0).normal(100, 20, (2, 12, 24, 24)).astype(np.float32)
-    return add_volume_node(Volume(echoes), "Two echoes")
+    def make():
+        from MedSegSuiteLib.slicer.volumes import add_volume_node
+        from MedSegSuiteLib.volume import Volume
+
+        echoes = np.random.default_rng(0).normal(100, 20, (count, 12, 24, 24)).astype(np.float32)
+        words = {2: "Two", 3: "Three", 5: "Five"}
+        return add_volume_node(Volume(echoes), name or f"{words.get(count, count)} echoes")
+
+    return make
 
 
 SEGMENT_CASES = {
@@ -179,9 +185,15 @@ SEGMENT_CASES = {
         "segments 3D volumes and 'Slice' is a single 2D image: choose a 2D model.",
     ),
     "two channels for a one-channel model": (
-        _two_channels,
-        "Segmentation failed: the model expects 1-channel images but this image has 2 channels; choose a model for "
-        "2-channel images or make a 1-channel copy of the image first",
+        _channels(2),
+        "Test ball finder (3D U-Net) (test-unet3d) expects 1-channel images but volume 'Two echoes' has 2 channels, "
+        "and only grey to RGB and RGB to grey are converted: choose a model for 2-channel images, or a grey or RGB "
+        "volume (Vector to Scalar Volume makes a one-channel copy).",
+    ),
+    "five channels for a one-channel model": (
+        _channels(5),
+        "expects 1-channel images but volume 'Five echoes' has 5 channels, and only grey to RGB and RGB to grey are "
+        "converted: choose a model for 5-channel images",
     ),
 }
 
@@ -211,6 +223,92 @@ def test_after_a_refused_image_the_same_worker_segments_the_next_one(panel, work
     assert status.startswith("Done in") and "Ball in 'Good segmentation'" in status, status
     assert worker.pid == pid
     _assert_usable(panel, done=True)
+
+
+def test_channel_refusals_happen_before_any_job_and_mapped_channels_are_segmented(panel, worker, monkeypatch):
+    """Refused channels send nothing to the worker; an RGB volume given to a grey model is segmented (luminance)."""
+    sent = []
+    submit = panel.logic.client.submit
+    monkeypatch.setattr(panel.logic.client, "submit", lambda kind, params: sent.append(kind) or submit(kind, params))
+    status = _segment(panel, _channels(2)())
+    assert "has 2 channels" in status and sent == []
+    status = _segment(panel, _channels(3, "Colour")())
+    assert sent == ["segment"]
+    assert status.startswith("Done in") and "in 'Colour segmentation'" in status, status
+    _assert_usable(panel, done=True)
+
+
+def _fitting_model(home, unet3d_dir, model_id, inputs):
+    """The 3D U-Net installed as ``model_id`` with ``inputs`` as the profile of what it was trained on."""
+    folder = _install_model(home, unet3d_dir, model_id)
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    card["training"] = {**card.get("training", {}), "inputs": inputs}
+    (folder / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def test_fit_warnings_follow_the_result_on_the_status_line_and_in_the_node(panel, worker, home, unet3d_dir):
+    """A ball volume of 22 x 19 x 14 mm for a model trained on crops of at most 8 mm: the result comes with the
+    warning and a hint to choose a Region; with a Region that fits, the same node is rewritten without it."""
+    import slicer
+
+    from MedSegSuiteLib.slicer.segmentations import TAG_INPUT_WARNINGS
+
+    _fitting_model(
+        home, unet3d_dir, "small-crops", {"dims": 3, "channels": 1, "fov_mm": {"min": [4] * 3, "max": [8] * 3}}
+    )
+    panel.refreshModels()
+    volume, _ = _ball()
+    status = _segment(panel, volume, model_id="small-crops")
+    warning = (
+        "this image covers 22 x 19 x 14 mm, far more than the 8 x 8 x 8 mm (at most) small-crops was trained on: "
+        "it may find the structure in the wrong place; segment an ROI around it (choose it as Region)"
+    )
+    assert status.startswith("Done in") and status.endswith(f" Check the result: {warning}."), status
+    output = slicer.mrmlScene.GetNodeByID(panel.logic.status.output_node_id)
+    assert output.GetAttribute(TAG_INPUT_WARNINGS) == warning
+    assert panel.logic.status.info["warnings"] == [warning]
+    _assert_usable(panel, done=True)
+
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Around the ball")
+    matrix = _ijk_to_ras(volume)
+    roi.SetCenter(*[matrix.MultiplyPoint((11.5, 11.5, 5.5, 1.0))[r] for r in range(3)])
+    roi.SetSize(7.0, 7.0, 7.0)
+    status = _segment(panel, volume, model_id="small-crops", region=roi, output=output)
+    assert status.startswith("Done in") and "Check the result" not in status, status
+    assert panel.logic.status.output_node_id == output.GetID() and output.GetAttribute(TAG_INPUT_WARNINGS) is None
+
+
+def _ijk_to_ras(volume):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_a_large_volume_for_the_bundled_hippocampus_model_gets_the_roi_warning(panel, worker, home):
+    """The bundled card's training profile (hippocampus crops of at most 43 x 58 x 46 mm) against a 96 x 60 x 46 mm
+    MRI-like volume: the status line suggests a Region."""
+    from conftest import REPO
+
+    from MedSegSuiteLib.slicer.volumes import add_volume_node
+    from MedSegSuiteLib.volume import Volume
+
+    bundled = REPO / "Resources" / "Models" / "hippocampus-dnet-lite"
+    if not (bundled / "model.safetensors").is_file():
+        pytest.skip("the bundled models are not installed")
+    shutil.copytree(bundled, home / "models" / "hippocampus-dnet-lite")
+    panel.refreshModels()
+    head = np.random.default_rng(3).normal(30000, 8000, (46, 60, 96)).astype(np.float32)
+    volume = add_volume_node(Volume(head, (1.0, 1.0, 1.0)), "Head")
+    status = _segment(panel, volume, model_id="hippocampus-dnet-lite")
+    assert status.startswith("Done in"), status
+    assert (
+        "Check the result: this image covers 96 x 60 x 46 mm, far more than the 43 x 58 x 46 mm (at most) "
+        "hippocampus-dnet-lite was trained on: it may find the structure in the wrong place; segment an ROI around "
+        "it (choose it as Region)." in status
+    ), status
 
 
 def test_a_region_beside_the_volume_is_refused_before_any_job(panel, worker):
