@@ -32,8 +32,13 @@ _WRITE_SUFFIXES = VOLUME_SUFFIXES + (".png", ".tif", ".tiff")
 PathLike = Union[str, Path]
 
 
-def volume_from_sitk(image) -> Volume:  # noqa: ANN001 - SimpleITK is imported lazily
-    """Convert a 2D or 3D SimpleITK image (scalar or vector pixels) to a :class:`Volume`."""
+def volume_from_sitk(image, drop_alpha: bool = False) -> Volume:  # noqa: ANN001 - SimpleITK is imported lazily
+    """Convert a 2D or 3D SimpleITK image (scalar or vector pixels) to a :class:`Volume`.
+
+    ``drop_alpha``: a 2- or 4-component image is grey or RGB + alpha (a photo or raster
+    file) and loses its alpha; otherwise (e.g. four MRI sequences in one NRRD) every
+    component stays.
+    """
     import SimpleITK as sitk
 
     dim = image.GetDimension()
@@ -46,9 +51,9 @@ def volume_from_sitk(image) -> Volume:  # noqa: ANN001 - SimpleITK is imported l
     components = image.GetNumberOfComponentsPerPixel()
     if components > 1:
         array = np.moveaxis(array, -1, 0)
-        if components == 4:
-            log.info("dropping the alpha channel of an RGBA image")
-            array = array[:3]
+        if components in (2, 4) and drop_alpha:
+            log.info("dropping the alpha channel of a %s image", "grey + alpha" if components == 2 else "RGBA")
+            array = array[: components - 1]
     if dim == 2:
         array = array[..., None, :, :]
         spacing = (*image.GetSpacing(), 1.0)
@@ -153,7 +158,8 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> Volume:
     return volume
 
 
-def _read_gif(path: Path) -> Volume:
+def _read_with_pillow(path: Path) -> Volume:
+    """A GIF, or a grey + alpha PNG (which ITK cannot read), as a grey or RGB one-slice image."""
     from PIL import Image
 
     from ..memory import check_fits
@@ -166,6 +172,8 @@ def _read_gif(path: Path) -> Volume:
             "downsample it first, or use a machine with more memory",
         )
         image.seek(0)
+        if image.mode in ("LA", "La"):
+            return Volume(np.ascontiguousarray(np.asarray(image.convert("L"))[None]))
         array = np.asarray(image.convert("RGB"))
     if np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
         return Volume(np.ascontiguousarray(array[None, ..., 0]))
@@ -323,7 +331,7 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
         from PIL import Image
 
         try:
-            return _read_gif(path)
+            return _read_with_pillow(path)
         except Image.DecompressionBombError as error:
             raise InputError(f"refused {path}: {str(error).rstrip('.')}; downsample it first") from None
         except OSError as error:
@@ -336,13 +344,18 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = _itk_reason(error)
+        if suffix == ".png" and "PixelType" in reason:  # grey + alpha
+            try:
+                return _read_with_pillow(path)
+            except OSError:
+                pass
         if "spacing" in reason.lower():  # ITK refuses a zero spacing in NRRD and MetaImage headers
             raise InputError(
                 f"{path} has an impossible geometry: its header gives a zero voxel spacing ({reason}); "
                 "spacing must be positive"
             ) from None
         raise InputError(f"cannot read {path}: {reason} (is the file truncated or not a {suffix} image?)") from None
-    return volume_from_sitk(image)
+    return volume_from_sitk(image, drop_alpha=suffix in RASTER_SUFFIXES)
 
 
 def write_image(volume: Volume, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:

@@ -145,3 +145,19 @@ def test_demo_refuses_a_model_the_sample_channels_cannot_feed(capsys, tmp_path, 
     line = one_error_line(err)
     assert code == 2 and "test-unet3d-2ch expects 2-channel images but the sample has 1 channels" in line
     assert not (tmp_path / "demo" / "sample-labels.nrrd").exists()
+
+
+def test_alpha_is_dropped_from_raster_photos_only_and_four_sequences_in_a_volume_stay(models, tmp_path, capsys):
+    from PIL import Image
+
+    rgba = np.random.default_rng(1).integers(0, 255, (20, 24, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., :2].copy(), "LA").save(tmp_path / "grey-alpha.png")
+    assert read_image(tmp_path / "rgba.png").channels == 3
+    grey = read_image(tmp_path / "grey-alpha.png")
+    assert grey.channels == 1 and np.array_equal(grey.array[0], rgba[..., 0])
+    four = read_image(image(tmp_path, "four.nrrd", 4))
+    assert four.channels == 4  # four MRI sequences: none is silently dropped
+    code, out, err = run(capsys, "segment", tmp_path / "four.nrrd", "-m", models["grey3d"], "-o", tmp_path / "o.nrrd")
+    assert code == 2 and "expects 1-channel images but this image has 4 channels" in one_error_line(err)
+    assert not (tmp_path / "o.nrrd").exists()
