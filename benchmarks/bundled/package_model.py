@@ -8,8 +8,10 @@
   float32 otherwise, and records which;
 - drops training-only parts (ConDSeg's aux head) with ``--drop-aux``;
 - records the measured CPU time per case and the peak memory in ``resources``;
-- for HiDiff, also measures its segmentor alone (``dice_segmentor_only``): the full
-  inference must not score below it;
+- for HiDiff, measures both its full inference (segmentor, then the refiner's chain from
+  the prior) and its segmentor alone, records the one ``segment`` does not use as
+  ``dice_full_inference`` or ``dice_segmentor_only``; ``--sampling-steps 0`` makes
+  ``segment`` use the segmentor alone (the refiner still runs refinement steps);
 - adds the profile of the training inputs (``training.inputs``, for fit warnings) to a card
   trained before ``medsegsuite train`` recorded it.
 """
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--h5-spacing", default="1,1,1")
     parser.add_argument("--drop-aux", action="store_true", help="build ConDSeg without its training-only aux head")
     parser.add_argument("--output", default=str(resources_dir() / "Models"))
+    parser.add_argument("--sampling-steps", type=int, help="HiDiff: refiner calls when segmenting (0: segmentor alone)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     trained = load_model(args.trained)
@@ -62,16 +65,19 @@ def main() -> None:
         slim = build_network(card_from_dict({**card, "weights": {"file": "x"}}))
         slim.load_state_dict(trained.network.state_dict(), strict=True)
         trained = LoadedModel(card_from_dict({**card, "weights": {"file": "x"}}), slim.eval())
-    full, seconds = evaluate(trained, cases)
     if "inputs" not in card["training"]:
         training = load_cases([c for c in discover_cases(args.data) if c.id not in ids], spacing)
         card["training"]["inputs"] = input_profile([image for _, image, _ in training])
         del training
-    segmentor_only = None
+    other = None  # HiDiff: the inference segment does not use (full chain, or the segmentor alone)
     if card["network"] == "hidiff":
-        steps, trained.network.sampling_steps = trained.network.sampling_steps, 0  # the segmentor alone
-        segmentor_only, _ = evaluate(trained, cases)
-        trained.network.sampling_steps = steps
+        used = trained.network.sampling_steps if args.sampling_steps is None else args.sampling_steps
+        published = card["config"].get("sampling_steps", trained.network.sampling_steps)
+        card["config"] = {**card["config"], "sampling_steps": used}
+        trained.network.sampling_steps = published if used == 0 else 0
+        other = ("dice_full_inference" if used == 0 else "dice_segmentor_only", evaluate(trained, cases)[0])
+        trained.network.sampling_steps = used
+    full, seconds = evaluate(trained, cases)
     with tempfile.TemporaryDirectory() as tmp:
         half_entry = save_model(Path(tmp) / "half", trained.network, {**card, "weights": {}}, half=True)
         half, _ = evaluate(load_model(half_entry), cases)
@@ -85,9 +91,8 @@ def main() -> None:
     if chosen.get("hd95") is not None:
         card["metrics"].append({"name": "hd95_mm", "value": round(chosen["hd95"], 3), "split": split})
     card["metrics"].append({"name": "iou", "value": round(chosen["iou"], 4), "split": split})
-    if segmentor_only is not None:
-        alone = round(segmentor_only["dice"], 4)
-        card["metrics"].append({"name": "dice_segmentor_only", "value": alone, "split": split})
+    if other is not None:
+        card["metrics"].append({"name": other[0], "value": round(other[1]["dice"], 4), "split": split})
     for value, metrics in chosen["per_label"].items():
         card["metrics"].append({"name": f"dice_label_{value}", "value": round(metrics["dice"], 4), "split": split})
     card["resources"] = {
@@ -113,7 +118,7 @@ def main() -> None:
             {
                 "id": entry.card.id,
                 "dice": chosen["dice"],
-                "dice_segmentor_only": segmentor_only["dice"] if segmentor_only else None,
+                **({other[0]: other[1]["dice"]} if other else {}),
                 "fp16": use_half,
                 "seconds_per_case": seconds,
                 "bytes": entry.card.weights["bytes"],
