@@ -97,8 +97,8 @@ class MedSegSuiteWidget(ScriptedLoadableModuleWidget):
 
 class MedSegSuiteTest(ScriptedLoadableModuleTest):
     """Drives the panel like a user: segment, cancel, survive a worker crash, reload the scene,
-    refine while keeping edits, undo, finetune (start, cancel, resume, segment with the new
-    model), and export.
+    refine while keeping edits, undo, refine with an ensemble (its uncertainty segment) and undo,
+    finetune (start, cancel, resume, segment with the new model), and export.
 
     The segmentation steps need a 3D model (bundled, else imported), the refinement steps
     a HiDiff model and the finetuning steps a small (lite) 3D model; without one, those
@@ -288,6 +288,24 @@ class MedSegSuiteTest(ScriptedLoadableModuleTest):
         ui.undoRefineButton.click()
         self.assertTrue(np.array_equal(testing.segment_array(segmentation, segment_id, volume), edited))
         self.assertFalse(ui.undoRefineButton.isEnabled())
+
+        self.delayDisplay("Refining with an ensemble of two chains: a segment shows where they disagree")
+        segments = segmentation.GetSegmentation()
+        ui.refineEnsembleSpinBox.setValue(2)
+        ui.refineButton.click()
+        self.assertTrue(testing.wait_until(lambda: not self.widget.logic.busy, 300), "refinement timed out")
+        status = self.widget.logic.status
+        self.assertEqual(status.state, "done", status.message)
+        self.assertIn("chains disagree", ui.statusLabel.property("text"))
+        uncertain = segments.GetSegmentIdBySegmentName("Uncertain (refinement)")
+        self.assertTrue(uncertain, "the ensemble added no 'Uncertain (refinement)' segment")
+        self.assertEqual(
+            status.info["uncertain_voxels"], int(testing.segment_array(segmentation, uncertain, volume).sum())
+        )
+        ui.undoRefineButton.click()
+        self.assertFalse(segments.GetSegmentIdBySegmentName("Uncertain (refinement)"))
+        self.assertTrue(np.array_equal(testing.segment_array(segmentation, segment_id, volume), edited))
+        ui.refineEnsembleSpinBox.setValue(1)
 
     def _finetuneCancelResumeAndSegment(self):
         import shutil

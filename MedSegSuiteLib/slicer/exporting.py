@@ -14,6 +14,10 @@ A DICOM SEG must reference the series its volume came from. In 3D Slicer a volum
 loaded from the DICOM database has the attribute ``DICOM.instanceUIDs`` (its SOP
 instance UIDs), whose files the database knows; an explicit series folder may be
 given instead.
+
+The segment a refinement ensemble adds to show where its chains disagree
+("Uncertain (refinement)", see :mod:`.refinement`) is no label of a model: it is left
+out of every format (the export works on a copy without it).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from .segmentations import (
     TAG_LABEL_VALUE,
     TAG_MODEL,
     geometry_matches,
+    is_uncertainty_segment,
+    label_segment_ids,
     same_frame,
     segment_ids,
     segment_mask,
@@ -114,7 +120,22 @@ def dicom_unavailable_reason(volume_node: Any, dicom_folder: Optional[Union[str,
     return ""
 
 
+def _labels_only(segmentation_node: Any) -> Any:
+    """The node itself, or (when it holds uncertainty segments) a copy outside the scene without them."""
+    segmentation = segmentation_node.GetSegmentation()
+    extra = [sid for sid in segment_ids(segmentation_node) if is_uncertainty_segment(segmentation.GetSegment(sid))]
+    if not extra:
+        return segmentation_node
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.SetName(segmentation_node.GetName())
+    copy.GetSegmentation().DeepCopy(segmentation)
+    for segment_id in extra:
+        copy.GetSegmentation().RemoveSegment(segment_id)
+    return copy
+
+
 def _write_seg_nrrd(segmentation_node: Any, path: Path) -> None:
+    segmentation_node = _labels_only(segmentation_node)
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
     storage.SetCropToMinimumExtent(False)
@@ -147,7 +168,7 @@ def _write_on_grid(segmentation_node: Any, reference_node: Any, path: Path) -> N
 
     segmentation = segmentation_node.GetSegmentation()
     masks, records, outside = [], [], []
-    for index, segment_id in enumerate(segment_ids(segmentation_node)):
+    for index, segment_id in enumerate(label_segment_ids(segmentation_node)):
         segment = segmentation.GetSegment(segment_id)
         try:
             terminology = parse_terminology(segment_terminology(segment)) or None
@@ -205,14 +226,15 @@ def export_segmentation(
     ``reference_node`` was loaded from. Files hold the reference volume's own (local)
     coordinates, like the volume's file; a segmentation under another (linear)
     transform than the volume is brought onto the volume's grid through both
-    transforms. Existing files are replaced only with ``overwrite``. Raises InputError
-    with a one-line reason.
+    transforms. Existing files are replaced only with ``overwrite``. A refinement's
+    uncertainty segment is not written (it is no label). Raises InputError with a
+    one-line reason.
     """
     from ..export import export, table_path_for
 
     if segmentation_node is None:
         raise InputError("choose the segmentation to export")
-    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+    if not label_segment_ids(segmentation_node):
         raise InputError(f"{segmentation_node.GetName()!r} has no segments to export")
     output = Path(str(output).strip()).expanduser()
     if not str(output) or format_of(str(output)) is None:

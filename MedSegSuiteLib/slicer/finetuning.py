@@ -6,7 +6,8 @@ volume whose grid it was made on, e.g. a segmentation corrected after **Segment*
 values, matching segments to labels as refinement does
 (:func:`.refinement.match_segments`: name, then terminology type code, then the
 model's own label-value tag); a segment that matches no label is refused before
-anything is sent to the worker. :func:`case_geometry` checks that the segmentation
+anything is sent to the worker, and a refinement's "Uncertain (refinement)" segment is
+skipped (it is no label). :func:`case_geometry` checks that the segmentation
 lies on its volume's voxel grid: one drawn on another grid over the same region is
 resampled only after the user agrees (:class:`GridQuestion`), one over another region
 is refused.
@@ -40,7 +41,7 @@ from ..training.verdict import FinetuneVerdict
 from ..volume import Grid
 from .messages import _
 from .refinement import match_segments
-from .segmentations import geometry_matches, same_frame, segment_ids, segment_labelmap, segment_mask
+from .segmentations import geometry_matches, label_segment_ids, same_frame, segment_labelmap, segment_mask
 from .volumes import INPUT_VOLUME_CLASSES, LPS_FROM_RAS, grid_from_node, input_volumes
 
 __all__ = [
@@ -166,7 +167,7 @@ def case_geometry(segmentation_node: Any, volume_node: Any) -> str:
     off_grid, outside = [], []
     other_grid: Optional[Grid] = None
     segmentation = segmentation_node.GetSegmentation()
-    for segment_id in segment_ids(segmentation_node):
+    for segment_id in label_segment_ids(segmentation_node):
         labelmap = segment_labelmap(segmentation_node, segment_id, volume_node)  # in the volume's own coordinates
         if labelmap is None:
             continue

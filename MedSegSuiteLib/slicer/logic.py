@@ -14,8 +14,10 @@ finished run leaves a new model in the user model folder.
 Refinement (see :mod:`.refinement`) remembers the last AI result of every segment it
 or a segmentation wrote, so "keep my edits" can hold the voxels the user changed
 since, and keeps the segmentation as it was before each refinement for
-:meth:`SegmentationLogic.undo_refinement`. Exporting is pure file I/O and runs in
-this process (:mod:`.exporting`).
+:meth:`SegmentationLogic.undo_refinement`. With an ensemble of chains, the worker
+also writes their per-voxel uncertainty, and the result shows where they disagree
+as the segment "Uncertain (refinement)" (never taken for a model label). Exporting is
+pure file I/O and runs in this process (:mod:`.exporting`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,22 @@ from ..preprocessing import check_channels
 from ..worker.client import WorkerClient
 from .finetuning import FinetuneCurve, FinetuneTiming, describe_duration, finetune_outcome, parent_label_map
 from .messages import _, describe_error
-from .refinement import AIResults, RefinePlan, UndoStack, apply_refinement, describe_left_untouched, plan_refinement
+from .parameters import DEFAULTS, REFINE_NEIGHBOURS, REFINE_SPREAD
+from .refinement import (
+    UNCERTAIN_THRESHOLD,
+    AIResults,
+    RefinePlan,
+    UndoStack,
+    apply_refinement,
+    describe_left_untouched,
+    plan_refinement,
+    remove_uncertainty,
+    show_uncertainty,
+)
 from .segmentations import (
     SegmentationBackup,
     create_segmentation_node,
+    label_segment_ids,
     place_next_to,
     record_input_warnings,
     remove_node,
@@ -51,7 +65,9 @@ from .volumes import LPS_FROM_RAS, box_from_roi, grid_from_node, input_channels,
 
 __all__ = [
     "DEVICE_TITLES",
+    "REFINE_MAX_ENSEMBLE",
     "REFINE_SCOPES",
+    "SLICE_SCOPES",
     "SegmentationLogic",
     "TaskStatus",
     "describe_model",
@@ -89,7 +105,16 @@ def _job_title(kind: str) -> str:
 
 
 FINETUNE_CANCEL_GRACE = 180.0  # seconds a cancelled finetuning may take to write its checkpoint
-REFINE_SCOPES = {"volume": "Whole volume", "slice": "Current axial slice (Red view)", "roi": "Region (ROI)"}
+REFINE_SCOPES = {
+    "volume": "Whole volume",
+    "slice": "Current axial slice (Red view)",
+    "neighbours": "Current slice and its neighbours",
+    "roi": "Region (ROI)",
+}
+#: The scopes that refine around the Red view's axial slice (given as an index or a point on it).
+SLICE_SCOPES = ("slice", "neighbours")
+#: The most refinement chains one click may run (each costs as much as the first).
+REFINE_MAX_ENSEMBLE = 8
 
 
 def _case_id(node: Any, taken: set[str]) -> str:
@@ -387,6 +412,8 @@ class SegmentationLogic:
         device: str = "auto",
         seed: int = 0,
         ensemble: int = 1,
+        neighbours: Optional[int] = None,
+        spread: Optional[float] = None,
     ) -> TaskStatus:
         """Send ``steps`` refinement steps of a HiDiff model to the worker and return the new status (``running``).
 
@@ -395,9 +422,16 @@ class SegmentationLogic:
         ``keep_edits`` the voxels changed since the last AI result are held. ``scope``:
         ``volume``; ``slice`` with ``slice_index`` (canonical axial index, 0 = most
         inferior) or ``point_lps`` (the axial slice through that LPS point, mm, in the
-        volume's own coordinates); ``roi`` with ``roi_node``. ``ensemble`` chains are
-        averaged (their uncertainty map is not brought back). Raises InputError
-        (nothing started) when the request cannot work.
+        volume's own coordinates); ``neighbours``: that slice and ``neighbours`` slices
+        on either side of it; ``roi`` with ``roi_node``. ``spread`` (0 to 1) lets the
+        slices with edits guide the slices beside them (up to ``neighbours`` away) at
+        weight ``spread ** distance``. ``neighbours`` and ``spread`` default to the
+        parameter node's defaults (:data:`.parameters.DEFAULTS`). ``ensemble`` chains
+        (1 to :data:`REFINE_MAX_ENSEMBLE`) are averaged; with 2 or more, the result
+        also replaces the segment "Uncertain (refinement)" with the voxels where the
+        chains disagree (see :func:`.refinement.show_uncertainty`), and a refinement
+        without an ensemble removes that segment. Raises InputError (nothing started)
+        when the request cannot work.
         """
         if self._task is not None:
             raise InputError("a job is already running: wait for it or cancel it")
@@ -414,9 +448,17 @@ class SegmentationLogic:
             raise InputError(f"steps must be between 1 and {limit} for {card.name}, got {steps}")
         if scope not in REFINE_SCOPES:
             raise InputError(f"scope must be one of {', '.join(REFINE_SCOPES)}, got {scope!r}")
+        neighbours = int(DEFAULTS[REFINE_NEIGHBOURS]) if neighbours is None else int(neighbours)
+        spread = float(DEFAULTS[REFINE_SPREAD]) if spread is None else float(spread)
+        if neighbours < 0:
+            raise InputError(f"neighbours must be at least 0, got {neighbours}")
+        if not 0.0 <= spread <= 1.0:
+            raise InputError(f"spread must be between 0 and 1, got {spread}")
+        if not 1 <= int(ensemble) <= REFINE_MAX_ENSEMBLE:
+            raise InputError(f"ensemble must be between 1 and {REFINE_MAX_ENSEMBLE}, got {ensemble}")
         grid = grid_from_node(volume_node)
-        params: dict[str, Any] = {"scope": scope}
-        if scope == "slice":
+        params: dict[str, Any] = {"scope": scope, "neighbours": neighbours, "spread": spread}
+        if scope in SLICE_SCOPES:
             if slice_index is None and point_lps is None:
                 raise InputError("refining the current slice needs a slice index or a point on the slice")
             if slice_index is not None:
@@ -454,6 +496,8 @@ class SegmentationLogic:
             if plan.keep is not None and plan.keep.any():
                 keep = Volume.on_grid(plan.keep.astype("uint8"), grid)
                 params["keep"] = str(write_image(keep, job_dir / "keep.nrrd", compress=False))
+            if int(ensemble) > 1:
+                params["uncertainty"] = str(job_dir / "uncertainty.nrrd")
             job = self.client.submit("refine", params)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -468,6 +512,7 @@ class SegmentationLogic:
             kind="refine",
             plan=plan,
             steps=int(steps),
+            extra={"ensemble": int(ensemble)},
         )
         self.status = TaskStatus("running", _("Starting {model} refinement...").format(model=card.name), kind="refine")
         return self.status
@@ -495,7 +540,7 @@ class SegmentationLogic:
 
     def remember_ai_result(self, segmentation_node: Any, volume_node: Any) -> None:
         """Take the segmentation's current content as the last AI result (what "keep my edits" compares with)."""
-        masks = {sid: segment_mask(segmentation_node, sid, volume_node) for sid in segment_ids(segmentation_node)}
+        masks = {sid: segment_mask(segmentation_node, sid, volume_node) for sid in label_segment_ids(segmentation_node)}
         self.ai_results.remember(segmentation_node, grid_from_node(volume_node), masks, replace=True)
 
     # -- finetuning ------------------------------------------------------------------------
@@ -666,6 +711,9 @@ class SegmentationLogic:
         text = _("Exported {segmentation} to {files} in {seconds} s.").format(
             segmentation=repr(segmentation_node.GetName()), files=names, seconds=f"{time.monotonic() - started:.1f}"
         )
+        left_out = len(segment_ids(segmentation_node)) - len(label_segment_ids(segmentation_node))
+        if left_out:
+            text += " " + _("The refinement's uncertainty segment is not a label and was left out.")
         return TaskStatus("done", text, output_node_id=segmentation_node.GetID(), kind="export")
 
     def _prune(self) -> None:
@@ -940,15 +988,29 @@ class SegmentationLogic:
             )
         plan = task.plan
         assert plan is not None
+        ensemble = int(task.extra.get("ensemble", 1))
+        uncertain: Optional[int] = None
         try:
             refined = read_image(message["outputs"]["labels"])
             if not refined.grid.same_as(grid_from_node(volume_node)):
                 raise InputError("the input volume changed while refining; the result was discarded: run again")
             array = refined.array if refined.array.ndim == 3 else refined.array[0]
+            spread_map = None
+            if ensemble > 1 and message["outputs"].get("uncertainty"):
+                spread_map = read_image(message["outputs"]["uncertainty"])
+                if not spread_map.grid.same_as(refined.grid):
+                    raise InputError("the uncertainty map does not lie on the volume's grid; the result was discarded")
             ai_before = self.ai_results.snapshot(segmentation_node)
-            self.undo_stack.push(segmentation_node, ai_before)
+            self.undo_stack.push(segmentation_node, ai_before)  # the uncertainty segment too: undo puts it back
             try:
                 masks, changed = apply_refinement(segmentation_node, volume_node, plan, array)
+                if spread_map is not None:
+                    values = spread_map.array if spread_map.array.ndim == 3 else spread_map.array[0]
+                    _segment, uncertain = show_uncertainty(
+                        segmentation_node, volume_node, values, name=_("Uncertain (refinement)")
+                    )
+                else:  # an uncertainty segment left from an earlier run would describe an older result
+                    remove_uncertainty(segmentation_node)
                 self.ai_results.remember(segmentation_node, refined.grid, masks)
             except BaseException:  # the segmentation and the AI results go back to how they were
                 self.ai_results.restore(segmentation_node, self.undo_stack.pop(segmentation_node))
@@ -975,6 +1037,17 @@ class SegmentationLogic:
                 )
             text += "."
         text += describe_left_untouched(plan.unknown)
+        if uncertain is not None:
+            text += " " + _(
+                "The {chains} chains disagree (uncertainty above {threshold}) at {count} voxel(s): "
+                "see the segment {segment}."
+            ).format(
+                chains=ensemble,
+                threshold=UNCERTAIN_THRESHOLD,
+                count=uncertain,
+                segment=repr(_("Uncertain (refinement)")),
+            )
+            info["uncertain_voxels"] = uncertain
         info["changed_by_segment"] = {names[sid]: n for sid, n in changed.items()}
         info["left_untouched"] = list(plan.unknown)
         return TaskStatus("done", text, output_node_id=segmentation_node.GetID(), info=info)

@@ -33,6 +33,9 @@ FAST = "FastMode"
 REFINE_MODEL = "RefineModel"
 REFINE_STEPS = "RefineSteps"
 REFINE_SCOPE = "RefineScope"
+REFINE_NEIGHBOURS = "RefineNeighbours"  # slices on either side for the scope "neighbours" (no control yet)
+REFINE_SPREAD = "RefineSpread"
+REFINE_ENSEMBLE = "RefineEnsemble"
 KEEP_EDITS = "KeepEdits"
 EXPORT_FORMAT = "ExportFormat"
 EXPORT_PATH = "ExportPath"
@@ -47,6 +50,9 @@ DEFAULTS = {
     REFINE_MODEL: "",
     REFINE_STEPS: "3",
     REFINE_SCOPE: "volume",
+    REFINE_NEIGHBOURS: "2",
+    REFINE_SPREAD: "0.0",
+    REFINE_ENSEMBLE: "1",
     KEEP_EDITS: "true",
     EXPORT_FORMAT: "seg.nrrd",
     EXPORT_PATH: "",
@@ -186,6 +192,43 @@ class Parameters:
     @refine_scope.setter
     def refine_scope(self, value: str) -> None:
         self.node.SetParameter(REFINE_SCOPE, value or DEFAULTS[REFINE_SCOPE])
+
+    @property
+    def refine_neighbours(self) -> int:
+        """Slices on either side of the current one for the scope "neighbours" (at least 0)."""
+        try:
+            return max(0, int(self.node.GetParameter(REFINE_NEIGHBOURS)))
+        except ValueError:
+            return int(DEFAULTS[REFINE_NEIGHBOURS])
+
+    @refine_neighbours.setter
+    def refine_neighbours(self, value: int) -> None:
+        self.node.SetParameter(REFINE_NEIGHBOURS, str(max(0, int(value))))
+
+    @property
+    def refine_spread(self) -> float:
+        """How strongly an edited slice guides the slices beside it, 0 to 1."""
+        try:
+            value = float(self.node.GetParameter(REFINE_SPREAD))
+        except ValueError:
+            return float(DEFAULTS[REFINE_SPREAD])
+        return min(1.0, max(0.0, value)) if value == value else float(DEFAULTS[REFINE_SPREAD])
+
+    @refine_spread.setter
+    def refine_spread(self, value: float) -> None:
+        self.node.SetParameter(REFINE_SPREAD, f"{min(1.0, max(0.0, float(value))):g}")
+
+    @property
+    def refine_ensemble(self) -> int:
+        """Refinement chains per click, at least 1 (2 or more also show where they disagree)."""
+        try:
+            return max(1, int(self.node.GetParameter(REFINE_ENSEMBLE)))
+        except ValueError:
+            return int(DEFAULTS[REFINE_ENSEMBLE])
+
+    @refine_ensemble.setter
+    def refine_ensemble(self, value: int) -> None:
+        self.node.SetParameter(REFINE_ENSEMBLE, str(max(1, int(value))))
 
     @property
     def keep_edits(self) -> bool:

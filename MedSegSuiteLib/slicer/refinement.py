@@ -13,6 +13,14 @@ result counts as painted by hand: its labelled voxels are the user's.
 
 :class:`UndoStack` keeps copies of a segmentation as it was before each refinement
 (a few levels), so **Undo refinement** restores it exactly.
+
+A refinement with an ensemble (several chains) also shows where the chains disagree:
+:func:`show_uncertainty` replaces the segment "Uncertain (refinement)" (tagged
+``MedSegSuite.role`` = ``uncertainty``) with the voxels whose uncertainty (the chains'
+standard deviation, 0 to 0.5) is above :data:`UNCERTAIN_THRESHOLD`. It is never a model
+label: :func:`match_segments` skips it, so later refinements, finetuning and export
+leave it out, and a refinement without an ensemble removes it (it would describe an
+older result).
 """
 
 from __future__ import annotations
@@ -28,8 +36,12 @@ from ..errors import InputError
 from ..io.label_table import parse_terminology
 from ..volume import Grid
 from .segmentations import (
+    ROLE_UNCERTAINTY,
     TAG_LABEL_VALUE,
     TAG_MODEL,
+    TAG_ROLE,
+    is_uncertainty_segment,
+    label_segment_ids,
     segment_ids,
     segment_mask,
     segment_tag,
@@ -39,6 +51,9 @@ from .segmentations import (
 from .volumes import grid_from_node
 
 __all__ = [
+    "UNCERTAIN_COLOR",
+    "UNCERTAIN_SEGMENT_NAME",
+    "UNCERTAIN_THRESHOLD",
     "AIResults",
     "RefinePlan",
     "SegmentMatch",
@@ -47,9 +62,19 @@ __all__ = [
     "describe_left_untouched",
     "match_segments",
     "plan_refinement",
+    "remove_uncertainty",
+    "show_uncertainty",
 ]
 
 log = logging.getLogger(__name__)
+
+#: The name of the segment that shows where a refinement's ensemble chains disagree.
+UNCERTAIN_SEGMENT_NAME = "Uncertain (refinement)"
+#: Voxels whose uncertainty (the chains' standard deviation: 0 all agree, 0.5 half say yes and half no) is above
+#: this go into that segment; for yes/no answers it means "not (nearly) all chains agree".
+UNCERTAIN_THRESHOLD = 0.2
+#: Its colour (RGB 0-1): magenta, which no bundled model's label uses.
+UNCERTAIN_COLOR = (1.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,8 @@ def match_segments(segmentation_node: Any, card: Any) -> tuple[list[SegmentMatch
     same terminology type code, else with the same ``MedSegSuite.labelValue`` tag when
     the segment's ``MedSegSuite.model`` tag names this model. Each label takes one
     segment (the first in the list); every other segment is reported with a reason.
+    The uncertainty segment of a refinement (see :func:`show_uncertainty`) is neither
+    matched nor reported: it is no label.
     """
     segmentation = segmentation_node.GetSegmentation()
     labels = list(card.labels)
@@ -90,7 +117,7 @@ def match_segments(segmentation_node: Any, card: Any) -> tuple[list[SegmentMatch
     matches: list[SegmentMatch] = []
     unknown: list[str] = []
     taken: dict[int, str] = {}
-    for segment_id in segment_ids(segmentation_node):
+    for segment_id in label_segment_ids(segmentation_node):
         segment = segmentation.GetSegment(segment_id)
         name = segment.GetName()
         found, how = by_name.get(name.strip().lower()), "name"
@@ -302,3 +329,50 @@ def apply_refinement(
 def describe_left_untouched(unknown: Sequence[str]) -> str:
     """A sentence naming the segments a refinement did not touch ("" when there are none)."""
     return f" Left untouched: {'; '.join(unknown)}." if unknown else ""
+
+
+def remove_uncertainty(segmentation_node: Any) -> int:
+    """Remove the node's uncertainty segments (see :func:`show_uncertainty`); returns how many there were."""
+    segmentation = segmentation_node.GetSegmentation()
+    found = [sid for sid in segment_ids(segmentation_node) if is_uncertainty_segment(segmentation.GetSegment(sid))]
+    for segment_id in found:
+        segmentation.RemoveSegment(segment_id)
+    return len(found)
+
+
+def show_uncertainty(
+    segmentation_node: Any,
+    volume_node: Any,
+    uncertainty: np.ndarray,
+    threshold: float = UNCERTAIN_THRESHOLD,
+    name: str = UNCERTAIN_SEGMENT_NAME,
+) -> tuple[str, int]:
+    """Replace the node's uncertainty segment with the voxels whose ``uncertainty`` is above ``threshold``.
+
+    ``uncertainty`` is ``[k, j, i]`` on the volume's grid (a refinement's per-voxel
+    standard deviation of its chains). The new segment is named ``name``, coloured
+    :data:`UNCERTAIN_COLOR` and tagged ``MedSegSuite.role`` = ``uncertainty``, so it is
+    never taken for a model label; it is added even when no voxel is uncertain (then it
+    is empty). Other segments keep their voxels (overlaps go to separate layers).
+    Returns ``(segment id, number of uncertain voxels)``; raises InputError (and
+    changes nothing) when the map does not fit the volume.
+    """
+    grid = grid_from_node(volume_node)
+    uncertainty = np.asarray(uncertainty)
+    if uncertainty.shape != grid.shape:
+        raise InputError(
+            f"the uncertainty map's shape {uncertainty.shape} does not fit volume {volume_node.GetName()!r} "
+            f"{grid.shape}; run again"
+        )
+    mask = uncertainty > threshold
+    was_modifying = segmentation_node.StartModify()
+    try:
+        remove_uncertainty(segmentation_node)
+        segmentation = segmentation_node.GetSegmentation()
+        segment_id = segmentation.AddEmptySegment("", name, list(UNCERTAIN_COLOR))
+        segmentation.GetSegment(segment_id).SetTag(TAG_ROLE, ROLE_UNCERTAINTY)
+        if mask.any():
+            set_segment_mask(segmentation_node, segment_id, mask, volume_node)
+    finally:
+        segmentation_node.EndModify(was_modifying)
+    return segment_id, int(mask.sum())

@@ -16,8 +16,10 @@ import slicer
 
 from ..errors import MedSegSuiteError
 from .exporting import DICOM_UIDS_ATTRIBUTE, FORMATS, dicom_unavailable_reason, format_of, with_format
-from .logic import REFINE_SCOPES, TaskStatus, diffusion_steps, is_refiner
+from .logic import REFINE_MAX_ENSEMBLE, REFINE_SCOPES, SLICE_SCOPES, TaskStatus, diffusion_steps, is_refiner
 from .messages import _, error_message
+from .parameters import DEFAULTS, REFINE_NEIGHBOURS
+from .refinement import UNCERTAIN_THRESHOLD
 from .volumes import input_volumes
 
 if TYPE_CHECKING:
@@ -35,18 +37,29 @@ def _sentence(text: str) -> str:
 
 
 class RefineSection:
-    """HiDiff model, steps, keep-my-edits, scope, **Refine** / **One step** (Cancel while running) and **Undo**."""
+    """HiDiff model, steps, keep-my-edits, scope, spread, ensemble, **Refine** / **One step** (Cancel while
+    running) and **Undo**.
+
+    The scope "neighbours" reaches the parameter node's ``RefineNeighbours`` slices on
+    either side (no control of its own); so does spread.
+    """
 
     def __init__(self, panel: SegmentPanel) -> None:
         self.panel = panel
         self.ui = ui = panel.ui
         self._entries: list[Any] = []
+        self._neighbours = int(DEFAULTS[REFINE_NEIGHBOURS])  # the parameter node's value once one is bound
         for key, title in REFINE_SCOPES.items():
-            ui.refineScopeSelector.addItem(title, key)
+            ui.refineScopeSelector.addItem(_(title), key)
+        ui.refineEnsembleSpinBox.setRange(1, REFINE_MAX_ENSEMBLE)
+        ui.refineSpreadSpinBox.setRange(0.0, 1.0)
+        self._update_tooltips()
         ui.refineModelSelector.currentIndexChanged.connect(self._on_changed)
         ui.refineStepsSpinBox.valueChanged.connect(self._on_changed)
         ui.keepEditsCheckBox.toggled.connect(self._on_changed)
         ui.refineScopeSelector.currentIndexChanged.connect(self._on_changed)
+        ui.refineSpreadSpinBox.valueChanged.connect(self._on_changed)
+        ui.refineEnsembleSpinBox.valueChanged.connect(self._on_changed)
         ui.refineRegionSelector.currentNodeChanged.connect(self._on_changed)
         ui.refineButton.clicked.connect(self.on_refine_clicked)
         ui.oneStepButton.clicked.connect(self.on_one_step_clicked)
@@ -95,6 +108,10 @@ class RefineSection:
         index = ui.refineScopeSelector.findData(p.refine_scope)
         ui.refineScopeSelector.setCurrentIndex(index if index >= 0 else 0)
         ui.refineRegionSelector.setCurrentNode(p.refine_region)
+        ui.refineSpreadSpinBox.setValue(p.refine_spread)
+        ui.refineEnsembleSpinBox.setValue(min(p.refine_ensemble, REFINE_MAX_ENSEMBLE))
+        self._neighbours = p.refine_neighbours
+        self._update_tooltips()
 
     def update_parameters(self, p: Parameters) -> None:
         entry = self.current_entry()
@@ -104,6 +121,16 @@ class RefineSection:
         p.keep_edits = self.ui.keepEditsCheckBox.isChecked()
         p.refine_scope = self.scope()
         p.refine_region = self.ui.refineRegionSelector.currentNode()
+        p.refine_spread = self.spread()
+        p.refine_ensemble = self.ensemble()
+
+    def spread(self) -> float:
+        """The spread the panel shows (0 to 1)."""
+        return float(self.ui.refineSpreadSpinBox.property("value"))
+
+    def ensemble(self) -> int:
+        """The number of chains the panel shows (1 to :data:`.logic.REFINE_MAX_ENSEMBLE`)."""
+        return int(self.ui.refineEnsembleSpinBox.property("value"))
 
     def _on_changed(self, *args: Any) -> None:
         self._update_step_limit()
@@ -116,8 +143,38 @@ class RefineSection:
         self.ui.refineStepsSpinBox.setMaximum(limit)
         self.ui.refineStepsSpinBox.setToolTip(
             _(
-                "Diffusion steps per click (1-{limit}): few stay close to the segmentation, more may move further."
+                "Each step lets the model change the mask a little more, starting from your mask: 1-3 steps "
+                "stay close to it, {limit} redraw it almost from scratch. Your edits never change when "
+                "Keep my edits is on."
             ).format(limit=limit)
+        )
+
+    def _update_tooltips(self) -> None:
+        """Scope, spread and ensemble say in plain words what they do (with the current neighbour count)."""
+        ui, n = self.ui, self._neighbours
+        ui.refineScopeSelector.setToolTip(
+            _(
+                "Which slices to refine: every slice that holds the segmentation; only the axial slice shown in "
+                "the Red view; that slice and {n} slice(s) on either side of it; or only inside an ROI. "
+                "Everything else stays as it is."
+            ).format(n=n)
+        )
+        ui.refineSpreadSpinBox.setToolTip(
+            _(
+                "How strongly a slice you corrected guides the slices beside it, up to {n} slice(s) away: "
+                "0 = not at all, 1 = the next slice starts from your corrected slice. A slice d slices away "
+                "takes your slice at weight spread to the power d (0.5: a half for the next slice, a quarter "
+                "for the one after). Needs Keep my edits: your edits are what spreads."
+            ).format(n=n)
+        )
+        ui.refineEnsembleSpinBox.setToolTip(
+            _(
+                "How many times to run the refinement, each with other random draws; the result is their "
+                "average (1 = one run; each extra run takes as long as the first). With 2 or more, the voxels "
+                "where the runs disagree go into the segment {segment}: uncertainty is how far the runs' answers "
+                "spread, from 0 (all agree) to 0.5 (half say inside, half outside), and voxels above {threshold} "
+                "are marked. That segment is not a label: refinement, finetuning and export leave it out."
+            ).format(segment=repr(_("Uncertain (refinement)")), threshold=UNCERTAIN_THRESHOLD)
         )
 
     # -- state -----------------------------------------------------------------------------
@@ -137,9 +194,16 @@ class RefineSection:
         ui, logic = self.ui, self.panel.logic
         running = logic.busy
         refining = running and logic.job_kind == "refine"
-        for widget in (ui.refineModelSelector, ui.refineStepsSpinBox, ui.keepEditsCheckBox, ui.refineScopeSelector):
+        for widget in (
+            ui.refineModelSelector,
+            ui.refineStepsSpinBox,
+            ui.keepEditsCheckBox,
+            ui.refineScopeSelector,
+            ui.refineEnsembleSpinBox,
+        ):
             widget.setEnabled(not running)
         ui.refineRegionSelector.setEnabled(not running and self.scope() == "roi")
+        ui.refineSpreadSpinBox.setEnabled(not running and ui.keepEditsCheckBox.isChecked())
         problem = self._why_not()
         ready = not running and not problem
         ui.refineButton.setEnabled(ready or refining)
@@ -192,7 +256,7 @@ class RefineSection:
         volume = ui.inputVolumeSelector.currentNode()
         scope = self.scope()
         point, slice_index, note = None, None, ""
-        if scope == "slice":
+        if scope in SLICE_SCOPES:
             point = logic.current_slice_point(volume)
             if point is None:  # no slice views (scripts, tests): the middle axial slice
                 slice_index = volume.GetImageData().GetDimensions()[2] // 2
@@ -209,6 +273,9 @@ class RefineSection:
                 point_lps=point,
                 roi_node=ui.refineRegionSelector.currentNode() if scope == "roi" else None,
                 device=panel.parameters.device if panel.parameters is not None else "auto",
+                ensemble=self.ensemble(),
+                neighbours=panel.parameters.refine_neighbours if panel.parameters is not None else None,
+                spread=self.spread(),
             )
         except Exception as error:  # nothing was sent: the scene is unchanged
             panel.show_status(TaskStatus("failed", error_message(error, _("Refinement"))))

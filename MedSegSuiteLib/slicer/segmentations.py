@@ -8,6 +8,11 @@ the subject hierarchy (the input's study for DICOM data), and it is shown in the
 views.
 
 Terminology strings come from :func:`MedSegSuiteLib.io.label_table.terminology_string`.
+
+A refinement with an ensemble may add a segment that shows where its chains disagree
+(tagged ``MedSegSuite.role`` = ``uncertainty``, see :mod:`.refinement`). It is a
+display aid, not a label of any model: :func:`label_segment_ids` leaves it out, and
+everything that reads segments as model labels (refinement, finetuning, export) uses it.
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ if TYPE_CHECKING:
     from ..models.card import Label
 
 __all__ = [
+    "ROLE_UNCERTAINTY",
     "TAG_INPUT_WARNINGS",
     "TAG_LABEL_VALUE",
     "TAG_MODEL",
+    "TAG_ROLE",
     "create_segmentation_node",
     "frame_matrix",
     "geometry_matches",
+    "is_uncertainty_segment",
+    "label_segment_ids",
     "place_next_to",
     "record_input_warnings",
     "remove_node",
@@ -50,6 +59,10 @@ __all__ = [
 
 TAG_MODEL = "MedSegSuite.model"
 TAG_LABEL_VALUE = "MedSegSuite.labelValue"
+#: Segment tag: what a segment MedSegSuite added is for when it is not a model label (see :data:`ROLE_UNCERTAINTY`).
+TAG_ROLE = "MedSegSuite.role"
+#: :data:`TAG_ROLE` of the segment that shows where a refinement's ensemble chains disagree.
+ROLE_UNCERTAINTY = "uncertainty"
 #: Node attribute: how the input was far from what the model was trained on, sentences joined by " | "
 #: (the command line records the same in a .seg.nrrd header or a label table).
 TAG_INPUT_WARNINGS = "MedSegSuite.inputWarnings"
@@ -81,6 +94,17 @@ def segment_ids(segmentation_node: Any) -> list[str]:
     """The ids of the node's segments, in display order."""
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+
+def is_uncertainty_segment(segment: Any) -> bool:
+    """True for the segment a refinement ensemble added to show where its chains disagree (never a model label)."""
+    return segment is not None and segment_tag(segment, TAG_ROLE) == ROLE_UNCERTAINTY
+
+
+def label_segment_ids(segmentation_node: Any) -> list[str]:
+    """The ids of the segments that may stand for model labels, in display order: all but uncertainty segments."""
+    segmentation = segmentation_node.GetSegmentation()
+    return [sid for sid in segment_ids(segmentation_node) if not is_uncertainty_segment(segmentation.GetSegment(sid))]
 
 
 def segment_tag(segment: Any, key: str) -> str:

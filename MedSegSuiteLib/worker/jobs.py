@@ -25,16 +25,19 @@ Job kinds (:func:`default_handlers`):
     in the model's label values), ``keep`` (optional label map: non-zero voxels never
     change), ``output`` (label file to write), ``uncertainty`` (optional file for the
     per-voxel uncertainty, written when ``ensemble`` > 1), ``steps`` (int, 1..T),
-    ``scope`` (``volume``, ``slice`` or ``roi``), ``slice`` (canonical axial index for
-    ``slice``) or ``point`` (``[x, y, z]`` LPS mm: the axial slice through it), ``roi``
-    (voxel box as for ``segment``, for ``roi``), ``seed`` (int, default 0), ``ensemble``
-    (int, default 1), ``device``, ``batch_size`` (slices per network call; default 1 on
-    the CPU, where it costs no speed and lets a cancel act after every slice, else 4).
+    ``scope`` (``volume``, ``slice``, ``neighbours`` or ``roi``), ``slice`` (canonical
+    axial index for ``slice`` and ``neighbours``) or ``point`` (``[x, y, z]`` LPS mm: the
+    axial slice through it), ``neighbours`` (slices on either side for ``neighbours``,
+    and how far ``spread`` reaches; default 2), ``spread`` (0 to 1: how strongly slices
+    with ``keep`` voxels guide the slices beside them; default 0), ``roi`` (voxel box as
+    for ``segment``, for ``roi``), ``seed`` (int, default 0), ``ensemble`` (int, default
+    1), ``device``, ``batch_size`` (slices per network call; default 1 on the CPU, where
+    it costs no speed and lets a cancel act after every slice, else 4).
     ``outputs``: ``{"labels": output}`` plus
     ``"uncertainty"`` when written. ``info``: model id and version, device,
-    ``cache_hit``, ``slices`` (canonical axial indices refined), ``changed`` (voxels
-    that differ from the mask), ``kept`` (voxels held by ``keep``), ``labels_present``
-    and timings.
+    ``cache_hit``, ``slices`` (canonical axial indices refined), ``neighbours``,
+    ``spread``, ``ensemble``, ``changed`` (voxels that differ from the mask), ``kept``
+    (voxels held by ``keep``), ``labels_present`` and timings.
 
 ``finetune``
     Semi-supervised finetuning (:func:`~MedSegSuiteLib.training.finetune.finetune_model`):
@@ -189,6 +192,16 @@ def _param(params: Mapping[str, Any], key: str, kind: Any, default: Any = ..., w
     return value
 
 
+def _number(params: Mapping[str, Any], key: str, default: float) -> float:
+    """A number parameter (an int or a float in JSON), ``default`` when missing."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"job parameter {key!r} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def _roi(value: Any) -> Optional[Box]:
     if value is None:
         return None
@@ -281,12 +294,14 @@ def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     roi = _roi(params.get("roi"))
     seed = _param(params, "seed", int, 0)
     ensemble = _param(params, "ensemble", int, 1)
+    neighbours = _param(params, "neighbours", int, 2)
+    spread = _number(params, "spread", 0.0)
     device = _param(params, "device", str, "auto")
     batch_size = _param(params, "batch_size", int, None)
     if scope not in SCOPES:
         raise ProtocolError(f"job parameter 'scope' must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if scope == "slice" and slice_index is None and point is None:
-        raise ProtocolError("scope 'slice' needs the job parameter 'slice' (axial index) or 'point' (LPS mm)")
+    if scope in ("slice", "neighbours") and slice_index is None and point is None:
+        raise ProtocolError(f"scope {scope!r} needs the job parameter 'slice' (axial index) or 'point' (LPS mm)")
     if scope == "roi" and roi is None:
         raise ProtocolError("scope 'roi' needs the job parameter 'roi'")
     for path in [target] + ([Path(uncertainty_path)] if uncertainty_path else []):
@@ -304,7 +319,7 @@ def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
     volume = read_image(source)
     mask = read_image(mask_path)
     keep = read_image(keep_path) if keep_path else None
-    if scope == "slice" and slice_index is None:
+    if scope in ("slice", "neighbours") and slice_index is None:
         slice_index = axial_index(volume, point)
     result = refiner.refine(
         volume,
@@ -318,6 +333,8 @@ def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
         ensemble=ensemble,
         progress=context.progress_in("slices"),
         cancel=context.cancel,
+        neighbours=neighbours,
+        spread=spread,
     )
     refined_at = time.perf_counter()
     outputs = {"labels": str(target)}
@@ -336,6 +353,9 @@ def refine_job(params: Mapping[str, Any], context: JobContext) -> JobOutcome:
             "steps": steps,
             "scope": scope,
             "slices": [int(z) for z in result.slices],
+            "neighbours": neighbours,
+            "spread": spread,
+            "ensemble": ensemble,
             "changed": int((labels != mask.array).sum()),
             "kept": int((keep.array != 0).sum()) if keep is not None else 0,
             "labels_present": [int(v) for v in np.unique(labels) if v != 0],

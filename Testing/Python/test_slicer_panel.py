@@ -208,7 +208,10 @@ def test_refine_section_offers_hidiff_models_with_their_step_range(panel):
     assert ui.refineStepsSpinBox.minimum() == 1 and ui.refineStepsSpinBox.maximum() == 8  # the card's num_steps
     assert ui.refineStepsSpinBox.value() == 3 and ui.keepEditsCheckBox.isChecked()
     scopes = [ui.refineScopeSelector.itemData(i) for i in range(ui.refineScopeSelector.count())]
-    assert scopes == ["volume", "slice", "roi"]
+    assert scopes == ["volume", "slice", "neighbours", "roi"]
+    assert ui.refineEnsembleSpinBox.minimum() == 1 and ui.refineEnsembleSpinBox.maximum() == 8
+    assert ui.refineEnsembleSpinBox.value() == 1 and ui.refineSpreadSpinBox.value() == 0.0
+    assert 0.0 == ui.refineSpreadSpinBox.minimum() < ui.refineSpreadSpinBox.maximum() == 1.0
     assert not ui.refineButton.isEnabled() and not ui.oneStepButton.isEnabled() and not ui.undoRefineButton.isEnabled()
     assert ui.refineButton.property("toolTip") == "Choose the input volume first."
     volume, segmentation, _ = _discs_with_segmentation()
@@ -284,6 +287,58 @@ def test_refine_scope_picks_the_region_or_the_current_slice(panel):
     assert wait_until(lambda: not panel.logic.busy, 10)
 
 
+def test_refine_tooltips_say_in_plain_words_what_steps_scope_spread_and_ensemble_do(panel):
+    ui = panel.ui
+    steps = ui.refineStepsSpinBox.property("toolTip")
+    assert steps.startswith("Each step lets the model change the mask a little more, starting from your mask")
+    assert "1-3 steps stay close to it, 8 redraw it almost from scratch" in steps  # the card's num_steps
+    assert "Your edits never change when Keep my edits is on." in steps
+    assert "that slice and 2 slice(s) on either side of it" in ui.refineScopeSelector.property("toolTip")
+    assert "up to 2 slice(s) away" in ui.refineSpreadSpinBox.property("toolTip")
+    ensemble = ui.refineEnsembleSpinBox.property("toolTip")
+    assert "the segment 'Uncertain (refinement)'" in ensemble and "voxels above 0.2 are marked" in ensemble
+    assert "from 0 (all agree) to 0.5 (half say inside, half outside)" in ensemble
+    panel.panel.parameters.refine_neighbours = 3  # no control: a parameter-node value
+    assert "that slice and 3 slice(s) on either side of it" in ui.refineScopeSelector.property("toolTip")
+    assert ui.refineSpreadSpinBox.isEnabled()
+    ui.keepEditsCheckBox.setChecked(False)  # without kept edits there is nothing to spread
+    assert not ui.refineSpreadSpinBox.isEnabled()
+
+
+def test_refine_sends_neighbours_spread_and_ensemble_and_shows_where_the_chains_disagree(panel):
+    from MedSegSuiteLib.slicer.segmentations import segment_mask
+    from MedSegSuiteLib.slicer.testing import wait_until
+
+    ui = panel.ui
+    volume, segmentation, discs = _discs_with_segmentation()
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("neighbours"))
+    ui.refineSpreadSpinBox.setValue(0.5)
+    ui.refineEnsembleSpinBox.setValue(3)
+    parameters = panel.panel.parameters
+    assert (parameters.refine_scope, parameters.refine_spread, parameters.refine_ensemble) == ("neighbours", 0.5, 3)
+    parameters.refine_neighbours = 1
+    ui.refineButton.click()  # the harness has no slice views: the middle axial slice
+    assert wait_until(lambda: panel.factory.last.held, 10)
+    assert not ui.refineEnsembleSpinBox.isEnabled() and not ui.refineSpreadSpinBox.isEnabled()
+    sent = panel.factory.last.received[-1]["params"]
+    assert (sent["scope"], sent["slice"], sent["neighbours"]) == ("neighbours", 1, 1)
+    assert (sent["spread"], sent["ensemble"]) == (0.5, 3) and "uncertainty" in sent
+    assert "no slice view: axial slice 1" in _text(ui.statusLabel)
+    panel.factory.last.finish()
+    assert wait_until(lambda: not panel.logic.busy, 10)
+    segments = segmentation.GetSegmentation()
+    uncertain = segments.GetSegmentIdBySegmentName("Uncertain (refinement)")
+    assert uncertain, [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+    disagree = _disc_mask(segmentation, volume) & ~discs.astype(bool)
+    assert disagree.any() and np.array_equal(segment_mask(segmentation, uncertain, volume), disagree)
+    assert f"disagree (uncertainty above 0.2) at {int(disagree.sum())} voxel(s)" in _text(ui.statusLabel)
+    ui.undoRefineButton.click()
+    assert not segments.GetSegmentIdBySegmentName("Uncertain (refinement)")
+    assert np.array_equal(_disc_mask(segmentation, volume), discs)
+
+
 def test_refine_and_export_choices_survive_saving_and_reloading_the_scene(panel, tmp_path):
     import slicer
 
@@ -292,6 +347,8 @@ def test_refine_and_export_choices_survive_saving_and_reloading_the_scene(panel,
     ui = panel.ui
     roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
     ui.refineStepsSpinBox.setValue(5)
+    ui.refineEnsembleSpinBox.setValue(4)
+    ui.refineSpreadSpinBox.setValue(0.3)
     ui.keepEditsCheckBox.setChecked(False)
     ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("roi"))
     ui.refineRegionSelector.setCurrentNode(roi)
@@ -300,6 +357,7 @@ def test_refine_and_export_choices_survive_saving_and_reloading_the_scene(panel,
     ui.exportOverwriteCheckBox.setChecked(True)
     save_and_reload_scene()
     assert ui.refineStepsSpinBox.value() == 5 and not ui.keepEditsCheckBox.isChecked()
+    assert ui.refineEnsembleSpinBox.value() == 4 and ui.refineSpreadSpinBox.value() == 0.3
     assert ui.refineScopeSelector.itemData(ui.refineScopeSelector.currentIndex()) == "roi"
     assert ui.refineRegionSelector.currentNode().GetName() == "Box"
     assert ui.refineModelSelector.itemData(ui.refineModelSelector.currentIndex()) == "demo-hidiff"

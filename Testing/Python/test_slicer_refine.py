@@ -1,7 +1,10 @@
-"""Refinement from the module logic (real MRML, fake worker): segment matching, keep-my-edits, undo, scopes.
+"""Refinement from the module logic (real MRML, fake worker): segment matching, keep-my-edits, undo, scopes,
+spread, and the ensemble's "Uncertain (refinement)" segment.
 
 The fake worker's "refine" grows every label by one voxel in each axial slice and
-leaves the ``keep`` voxels alone, so every expectation here is exact.
+leaves the ``keep`` voxels alone; with an ensemble its uncertainty is 0.3 on the voxels
+it changed and 0.1 on the other labelled voxels in scope, so every expectation here is
+exact.
 """
 
 from __future__ import annotations
@@ -273,7 +276,13 @@ def test_impossible_refinements_are_refused_before_anything_is_sent(scene, refin
         (dict(scope="slice"), "needs a slice index or a point"),
         (dict(scope="slice", slice_index=3), "slice index must be between 0 and 2"),
         (dict(scope="roi"), "choose the region"),
-        (dict(scope="everywhere"), "scope must be one of volume, slice, roi"),
+        (dict(scope="everywhere"), "scope must be one of volume, slice, neighbours, roi"),
+        (dict(scope="neighbours"), "needs a slice index or a point"),
+        (dict(scope="neighbours", slice_index=-1), "slice index must be between 0 and 2"),
+        (dict(neighbours=-1), "neighbours must be at least 0"),
+        (dict(spread=1.5), "spread must be between 0 and 1"),
+        (dict(ensemble=0), "ensemble must be between 1 and 8"),
+        (dict(ensemble=9), "ensemble must be between 1 and 8"),
         (dict(segmentation_node=None), "choose a segmentation to refine"),
         (dict(volume_node=None), "choose the input volume"),
     ]
@@ -335,4 +344,141 @@ def test_cancel_and_worker_errors_leave_the_segmentation_as_it_was(scene, refine
     status = wait_idle(logic)
     assert status.state == "failed" and status.message == "Refinement failed: the mask holds label value(s) [7]"
     assert np.array_equal(_mask(node, "Disc", volume), discs)
+    logic.shutdown()
+
+
+def _seven_discs():
+    from MedSegSuiteLib.slicer.testing import add_disc_stack_volume
+
+    return add_disc_stack_volume("Seven", centres=tuple((16, 15 + k % 3) for k in range(7)))
+
+
+def test_the_neighbours_scope_refines_the_current_slice_and_its_neighbours_only(scene, refiner, tmp_path):
+    volume, discs = _seven_discs()
+    node = _segmentation(volume, {"Disc": (discs, None, None)})
+    logic, factory = fake_logic(tmp_path)
+    logic.start_refine(node, volume, refiner, 2, keep_edits=False, scope="neighbours", slice_index=3, neighbours=1)
+    sent = factory.last.received[-1]["params"]
+    assert (sent["scope"], sent["slice"], sent["neighbours"]) == ("neighbours", 3, 1)
+    assert wait_idle(logic).state == "done"
+    refined = _mask(node, "Disc", volume)
+    assert np.array_equal(refined[2:5], _grown(discs)[2:5]) and not np.array_equal(refined[2:5], discs[2:5])
+    assert np.array_equal(refined[:2], discs[:2]) and np.array_equal(refined[5:], discs[5:])
+
+    logic.start_refine(node, volume, refiner, 2, scope="neighbours", point_lps=(1.0, 2.0, 13.0))
+    sent = factory.last.received[-1]["params"]
+    assert sent["point"] == [1.0, 2.0, 13.0] and "slice" not in sent
+    assert sent["neighbours"] == 2  # the parameter node's default, as the panel would send
+    wait_idle(logic)
+    logic.shutdown()
+
+
+def test_spread_reaches_the_worker_and_its_default_lives_in_the_parameter_defaults(
+    scene, refiner, tmp_path, monkeypatch
+):
+    from MedSegSuiteLib.slicer import parameters
+
+    volume, discs = _seven_discs()
+    node = _segmentation(volume, {"Disc": (discs, None, None)})
+    logic, factory = fake_logic(tmp_path)
+    logic.start_refine(node, volume, refiner, 1, scope="neighbours", slice_index=3, spread=0.5)
+    assert factory.last.received[-1]["params"]["spread"] == 0.5
+    wait_idle(logic)
+    monkeypatch.setitem(parameters.DEFAULTS, parameters.REFINE_SPREAD, "0.25")
+    monkeypatch.setitem(parameters.DEFAULTS, parameters.REFINE_NEIGHBOURS, "4")
+    logic.start_refine(node, volume, refiner, 1)
+    sent = factory.last.received[-1]["params"]
+    assert (sent["spread"], sent["neighbours"]) == (0.25, 4)
+    wait_idle(logic)
+    logic.shutdown()
+
+
+def _uncertain(node):
+    """The ids of the node's segments named "Uncertain (refinement)"."""
+    from MedSegSuiteLib.slicer.segmentations import segment_ids
+
+    segmentation = node.GetSegmentation()
+    return [sid for sid in segment_ids(node) if segmentation.GetSegment(sid).GetName() == "Uncertain (refinement)"]
+
+
+def test_an_ensemble_shows_where_its_chains_disagree_replaces_it_on_each_run_and_undo_restores_it(
+    scene, refiner, tmp_path
+):
+    from MedSegSuiteLib.slicer.segmentations import segment_mask, segment_tag
+
+    volume, discs = _seven_discs()
+    node = _segmentation(volume, {"Disc": (discs, None, None)})
+    logic, factory = fake_logic(tmp_path)
+    logic.start_refine(node, volume, refiner, 1, keep_edits=False)
+    assert "uncertainty" not in factory.last.received[-1]["params"]  # one chain: nothing to disagree
+    wait_idle(logic)
+    assert _uncertain(node) == []
+    first_disc = _mask(node, "Disc", volume)
+
+    logic.start_refine(node, volume, refiner, 1, keep_edits=False, ensemble=3)
+    sent = factory.last.received[-1]["params"]
+    assert sent["ensemble"] == 3 and sent["uncertainty"].endswith("uncertainty.nrrd")
+    status = wait_idle(logic)
+    assert status.state == "done", status.message
+    second_disc = _mask(node, "Disc", volume)
+    (first,) = _uncertain(node)
+    segment = node.GetSegmentation().GetSegment(first)
+    assert segment_tag(segment, "MedSegSuite.role") == "uncertainty" and tuple(segment.GetColor()) == (1.0, 0.0, 1.0)
+    disagree = second_disc & ~first_disc  # 0.3 where the fake changed voxels; its 0.1 stays under the threshold
+    assert np.array_equal(segment_mask(node, first, volume), disagree)
+    assert f"The 3 chains disagree (uncertainty above 0.2) at {int(disagree.sum())} voxel(s)" in status.message
+    assert "see the segment 'Uncertain (refinement)'" in status.message
+    assert status.info["uncertain_voxels"] == int(disagree.sum())
+    assert np.array_equal(_mask(node, "Disc", volume), _grown(first_disc))  # the Disc kept its overlapping voxels
+
+    logic.start_refine(node, volume, refiner, 1, keep_edits=False, ensemble=2)
+    sent = factory.last.received[-1]["params"]
+    assert np.array_equal(read_image(sent["mask"]).array, second_disc)  # the uncertain voxels are not sent
+    status = wait_idle(logic)
+    assert "Left untouched" not in status.message, status.message
+    (second,) = _uncertain(node)  # replaced, not added
+    assert np.array_equal(segment_mask(node, second, volume), _mask(node, "Disc", volume) & ~second_disc)
+
+    logic.start_refine(node, volume, refiner, 1, keep_edits=False)  # one chain: the old map would mislead
+    status = wait_idle(logic)
+    assert _uncertain(node) == [] and "disagree" not in status.message
+    logic.undo_refinement(node)
+    (restored,) = _uncertain(node)
+    assert np.array_equal(segment_mask(node, restored, volume), _mask(node, "Disc", volume) & ~second_disc)
+    logic.undo_refinement(node)
+    (restored,) = _uncertain(node)
+    assert np.array_equal(segment_mask(node, restored, volume), disagree)
+    logic.undo_refinement(node)
+    assert _uncertain(node) == [] and np.array_equal(_mask(node, "Disc", volume), first_disc)
+    logic.shutdown()
+
+
+def test_the_uncertainty_segment_is_no_label_for_refinement_finetuning_or_export(scene, refiner, tmp_path):
+    import json
+
+    from MedSegSuiteLib.export import read_segmentation
+    from MedSegSuiteLib.slicer.finetuning import parent_label_map
+    from MedSegSuiteLib.slicer.refinement import match_segments
+
+    volume, discs = _seven_discs()
+    node = _segmentation(volume, {"Disc": (discs, None, None)})
+    logic, _ = fake_logic(tmp_path)
+    logic.start_refine(node, volume, refiner, 1, keep_edits=False, ensemble=2)
+    assert wait_idle(logic).state == "done"
+    assert _uncertain(node), "the ensemble added no uncertainty segment"
+    disc = _mask(node, "Disc", volume)
+    matches, unknown = match_segments(node, refiner.card)
+    assert [m.name for m in matches] == ["Disc"] and unknown == []
+    assert np.array_equal(parent_label_map(node, volume, refiner.card), disc.astype(np.uint8))
+
+    status = logic.export(node, tmp_path / "case.nrrd", reference_node=volume)
+    assert "uncertainty segment is not a label and was left out" in status.message
+    assert np.array_equal(read_image(tmp_path / "case.nrrd").array, disc.astype(np.uint8))
+    table = json.loads((tmp_path / "case.labels.json").read_text(encoding="utf-8"))["labels"]
+    assert [entry["name"] for entry in table] == ["Disc"]
+    logic.export(node, tmp_path / "case.seg.nrrd", reference_node=volume)
+    assert [segment.name for segment in read_segmentation(tmp_path / "case.seg.nrrd").segments] == ["Disc"]
+    assert len(_uncertain(node)) == 1  # the scene keeps it
+    plain = _segmentation(volume, {"Disc": (discs, None, None)})
+    assert "left out" not in logic.export(plain, tmp_path / "plain.nrrd", reference_node=volume).message
     logic.shutdown()

@@ -114,6 +114,38 @@ def test_refine_job_refines_the_axial_slice_through_a_point_only(client, hidiff_
     assert np.array_equal(labels[[0, 2]], mask[[0, 2]])
 
 
+def test_refine_job_refines_the_slice_through_a_point_and_its_neighbours_only(client, hidiff_dir):
+    image, mask = _discs(count=7)
+    point = list(Volume(image, SPACING, ORIGIN).grid.index_to_physical((4, 5, 3)))
+    params = _params(client, hidiff_dir, image, mask, scope="neighbours", point=point, neighbours=1)
+    result = client.wait(client.submit("refine", params), timeout=300)[-1]
+    assert result["type"] == "result", result
+    assert result["info"]["slices"] == [2, 3, 4] and result["info"]["neighbours"] == 1
+    labels = read_image(result["outputs"]["labels"]).array
+    assert np.array_equal(labels[[0, 1, 5, 6]], mask[[0, 1, 5, 6]])
+    assert not np.array_equal(labels[2:5], mask[2:5])  # the refiner mends the holes and spurs in scope
+
+
+def test_refine_job_passes_spread_on_so_an_edited_slice_guides_its_neighbours(client, hidiff_dir):
+    image, mask = _discs(count=5)
+    keep = np.zeros_like(mask)
+    keep[2] = 1  # the clinician corrected slice 2: all of it is theirs
+    keep_file = _write(client, "keep-slice.nrrd", keep)
+    results = {}
+    for spread in (0.0, 1.0):
+        params = _params(
+            client, hidiff_dir, image, mask, f"spread-{spread}.nrrd", scope="neighbours", slice=2, neighbours=2
+        )
+        params.update(keep=keep_file, spread=spread, seed=3)
+        result = client.wait(client.submit("refine", params), timeout=300)[-1]
+        assert result["type"] == "result", result
+        assert result["info"]["spread"] == spread and result["info"]["slices"] == [0, 1, 2, 3, 4]
+        results[spread] = read_image(result["outputs"]["labels"]).array
+    assert np.array_equal(results[0.0][2], mask[2]) and np.array_equal(results[1.0][2], mask[2])  # kept
+    for k in (1, 3):  # beside the edited slice, spread 1 starts from slice 2's labels instead of their own
+        assert not np.array_equal(results[1.0][k], results[0.0][k]), k
+
+
 def test_refine_job_stops_when_cancelled_and_writes_nothing(client, hidiff_dir):
     image, mask = _discs(count=24)
     params = _params(client, hidiff_dir, image, mask, "cancelled.nrrd", steps=3, batch_size=1)
@@ -134,7 +166,11 @@ def test_refine_job_refuses_bad_requests_with_one_line_reasons(client, hidiff_di
     cases = [
         (dict(scope="slice"), "needs the job parameter 'slice'"),
         (dict(scope="roi"), "needs the job parameter 'roi'"),
-        (dict(scope="everything"), "'scope' must be one of volume, slice, roi"),
+        (dict(scope="everything"), "'scope' must be one of volume, slice, neighbours, roi"),
+        (dict(scope="neighbours"), "scope 'neighbours' needs the job parameter 'slice'"),
+        (dict(spread="lots"), "job parameter 'spread' must be a number"),
+        (dict(spread=1.5), "spread must be between 0 and 1"),
+        (dict(neighbours=1.5), "job parameter 'neighbours' must be int"),
         (dict(point=[1, 2]), "'point' must be three numbers"),
         (dict(steps=99), "steps must be between 0 and 10"),
     ]

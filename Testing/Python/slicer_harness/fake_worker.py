@@ -4,8 +4,11 @@
 uses from ``subprocess.Popen`` and speaks the real protocol. Its "segment" jobs label
 voxels brighter than ``threshold`` as 1 (enough for balls of the synthetic volumes).
 Its "refine" jobs grow every label of the mask by one voxel within each axial slice
-(only in the slice ``slice`` or inside ``roi`` when the scope says so) and leave the
-``keep`` voxels as they were; with ``ensemble`` > 1 they write a zero uncertainty.
+(only in the slice ``slice``, in the slices ``slice`` +- ``neighbours`` (default 2), or
+inside ``roi`` when the scope says so) and leave the ``keep`` voxels as they were; with
+``ensemble`` > 1 and an ``uncertainty`` file they write an uncertainty of 0.3 on the
+voxels they changed, 0.1 on the other labelled voxels in scope and 0 elsewhere (so a
+threshold of 0.2 marks exactly the changed voxels).
 Its "finetune" jobs report iteration 1 of ``iterations`` with a loss record; finishing
 one registers ``<parent id>-ft-<n>`` (a card only, Dice 0.41 before and 0.86 after on one
 held-back case, or ``finetune_dice``, with the library's verdict) in
@@ -217,6 +220,9 @@ class FakeWorkerProcess:
         scope = np.zeros(labels.shape, bool)
         if params.get("scope") == "slice" and params.get("slice") is not None:
             scope[params["slice"]] = True
+        elif params.get("scope") == "neighbours" and params.get("slice") is not None:
+            reach = int(params.get("neighbours", 2))
+            scope[max(0, params["slice"] - reach) : params["slice"] + reach + 1] = True
         elif params.get("scope") == "roi":
             roi = params["roi"]
             scope[roi[2] : roi[5], roi[1] : roi[4], roi[0] : roi[3]] = True
@@ -228,8 +234,10 @@ class FakeWorkerProcess:
             refined[keep] = labels[keep]
         write_image(mask.with_array(refined), params["output"], overwrite=True, compress=False)
         outputs = {"labels": params["output"]}
-        if params.get("uncertainty"):
-            write_image(mask.with_array(np.zeros(labels.shape, np.float32)), params["uncertainty"], overwrite=True)
+        if params.get("uncertainty") and params.get("ensemble", 1) > 1:
+            uncertainty = np.where(scope & (labels != 0), 0.1, 0.0).astype(np.float32)
+            uncertainty[refined != labels] = 0.3
+            write_image(mask.with_array(uncertainty), params["uncertainty"], overwrite=True)
             outputs["uncertainty"] = params["uncertainty"]
         self.emit({"type": "progress", "job": job, "done": 4, "total": 4, "stage": "refining", "unit": "slices"})
         slices = [int(k) for k in np.nonzero(scope.any(axis=(1, 2)) & labels.any(axis=(1, 2)))[0]]
