@@ -54,13 +54,25 @@ from .atomic import atomic_output
 from .label_table import parse_terminology, terminology_string
 from .segmentation import Segment, Segmentation
 
-__all__ = ["TAG_LABEL_VALUE", "TAG_MODEL", "TERMINOLOGY_TAG", "read_seg_nrrd", "write_seg_nrrd"]
+__all__ = [
+    "ROLE_UNCERTAINTY",
+    "TAG_LABEL_VALUE",
+    "TAG_MODEL",
+    "TAG_ROLE",
+    "TERMINOLOGY_TAG",
+    "read_seg_nrrd",
+    "write_seg_nrrd",
+]
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 TERMINOLOGY_TAG = "TerminologyEntry"
 TAG_LABEL_VALUE = "MedSegSuite.labelValue"
+#: Segment tag: what a segment MedSegSuite added is for when it is not a model label.
+TAG_ROLE = "MedSegSuite.role"
+#: :data:`TAG_ROLE` of the segment that shows where a refinement's ensemble chains disagree.
+ROLE_UNCERTAINTY = "uncertainty"
 TAG_MODEL = "MedSegSuite.model"
 _REPRESENTATION = "Binary labelmap"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -456,6 +468,10 @@ def read_seg_nrrd(path: PathLike) -> Segmentation:
             _clip_to_extent(layers[layer], value, extent, grid.shape)
         segments.append(segment)
         index += 1
+    overlays = [segment.name for segment in segments if segment.tags.get(TAG_ROLE) == ROLE_UNCERTAINTY]
+    if overlays:  # a picture of where refinement was unsure, not a label: never exported, refined or trained on
+        log.info("%s: leaving out the segment(s) %s (refinement uncertainty, not labels)", path, ", ".join(overlays))
+        segments = [segment for segment in segments if segment.tags.get(TAG_ROLE) != ROLE_UNCERTAINTY]
     if not segments and "Segmentation_MasterRepresentation" not in keys:
         raise InputError(f"{path} is a NRRD image but not a Slicer segmentation (it has no Segment0_ID field)")
     full = _reference_grid(keys, grid, path)

@@ -26,6 +26,7 @@ from vtk.util import numpy_support
 
 from ..errors import InputError
 from ..io.label_table import terminology_string
+from ..io.seg_nrrd import ROLE_UNCERTAINTY, TAG_ROLE
 from .volumes import grid_from_node
 
 if TYPE_CHECKING:
@@ -59,10 +60,6 @@ __all__ = [
 
 TAG_MODEL = "MedSegSuite.model"
 TAG_LABEL_VALUE = "MedSegSuite.labelValue"
-#: Segment tag: what a segment MedSegSuite added is for when it is not a model label (see :data:`ROLE_UNCERTAINTY`).
-TAG_ROLE = "MedSegSuite.role"
-#: :data:`TAG_ROLE` of the segment that shows where a refinement's ensemble chains disagree.
-ROLE_UNCERTAINTY = "uncertainty"
 #: Node attribute: how the input was far from what the model was trained on, sentences joined by " | "
 #: (the command line records the same in a .seg.nrrd header or a label table).
 TAG_INPUT_WARNINGS = "MedSegSuite.inputWarnings"

@@ -183,3 +183,24 @@ def test_failed_dicom_seg_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="disk full"):
         export(labels_path, tmp_path / "seg.dcm", dicom_series=tmp_path / "series")
     assert files_in(tmp_path) == before
+
+
+def test_a_refinement_uncertainty_segment_is_not_a_label_anywhere(capsys, tmp_path, case):
+    """The panel's 'Uncertain (refinement)' segment (tag MedSegSuite.role = uncertainty) overlaps the labels:
+    a .seg.nrrd saved from Slicer with it still exports, refines and trains as the labels alone."""
+    from MedSegSuiteLib.io.seg_nrrd import write_seg_nrrd
+    from MedSegSuiteLib.io.segmentation import Segment, Segmentation
+
+    labels_path, image, array = case
+    grid = read_image(image).grid
+    layers = np.stack([array, (array > 0).astype(np.uint8)])  # layer 1: an overlapping "uncertain" region
+    segments = (
+        Segment("s1", "Anterior", layer=0, value=1),
+        Segment("s2", "Posterior", layer=0, value=2),
+        Segment("u", "Uncertain (refinement)", layer=1, value=1, tags={"MedSegSuite.role": "uncertainty"}),
+    )
+    write_seg_nrrd(Segmentation(grid, layers, segments), tmp_path / "saved.seg.nrrd")
+    assert [s.name for s in read_seg_nrrd(tmp_path / "saved.seg.nrrd").segments] == ["Anterior", "Posterior"]
+    code, _, err = run(capsys, "export", tmp_path / "saved.seg.nrrd", "-o", tmp_path / "out.nii.gz")
+    assert code == 0, err
+    assert np.array_equal(read_image(tmp_path / "out.nii.gz").array, array)
