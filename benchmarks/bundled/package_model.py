@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(resources_dir() / "Models"))
     parser.add_argument("--sampling-steps", type=int, help="HiDiff: refiner calls when segmenting (0: segmentor alone)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 2)  # 1 when it shares the CPU with a training
+    torch.set_num_threads(threads)
     trained = load_model(args.trained)
     card = trained.card.to_dict()
     spacing = tuple(float(v) for v in args.h5_spacing.split(","))
@@ -98,7 +100,7 @@ def main() -> None:
     card["resources"] = {
         **card.get("resources", {}),
         "cpu_seconds_per_case": round(seconds, 2),
-        "cpu_threads": 2,
+        "cpu_threads": threads,
         "ram_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 + 0.25, 1),
         "weights_dtype": "float16" if use_half else "float32",
         "fp16_dice_change": round(half["dice"] - full["dice"], 5),
