@@ -43,6 +43,8 @@ hippocampus-dnet-lite() {
 
 hippocampus-hidiff-lite() {
   # Slice-wise (axial 64x64 slices, both labels) so that the bundled sample volume can be refined.
+  # The bundled weights: this command, stopped after the validation of iteration 2000 (to free the
+  # CPU) and finished by the same command with --iterations 2000 --resume; see the card's note.
   train hippocampus-hidiff-lite --network hidiff --preset lite --data "$data/msd_hippocampus" --dims 2 \
     --name "Hippocampus (HiDiff lite, slice-wise: segmentor + refiner)" \
     --description "Anterior and posterior hippocampus on T1-weighted MRI, segmented and refined slice by slice; trained on the Medical Segmentation Decathlon hippocampus task." \
