@@ -22,7 +22,9 @@ def user_home(tmp_path, monkeypatch):
 
 
 def test_the_hippocampus_and_polyp_models_are_bundled():
-    assert {"hippocampus-dnet-lite", "hippocampus-hidiff-lite", "polyp-banet-lite"} <= set(BUNDLED)
+    assert {"hippocampus-dnet-lite", "hippocampus-hidiff-lite", "left-atrium-canet-lite", "polyp-banet-lite"} <= set(
+        BUNDLED
+    )
 
 
 @pytest.mark.parametrize("model_id", BUNDLED)

@@ -46,6 +46,12 @@ def evaluate(model: LoadedModel, cases) -> tuple[dict, float]:  # noqa: ANN001
     return result, (time.perf_counter() - started) / max(1, len(cases))
 
 
+def _data_name(data: str) -> str:
+    """The data set's name: its folder, or the folder above a plain ``h5`` folder."""
+    path = Path(data).resolve()
+    return path.parent.name if path.name == "h5" else path.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trained")
@@ -86,7 +92,7 @@ def main() -> None:
     use_half = abs(half["dice"] - full["dice"]) < TOLERANCE
     chosen = half if use_half else full
     split = (
-        f"validation: {len(cases)} cases of {Path(args.data).name} held out from training "
+        f"validation: {len(cases)} cases of {_data_name(args.data)} held out from training "
         "(chosen before training, never trained on), measured at each image's original resolution"
     )
     card["metrics"] = [{"name": "dice", "value": round(chosen["dice"], 4), "split": split}]
