@@ -206,11 +206,12 @@ def test_refine_section_offers_hidiff_models_with_their_step_range(panel):
     ui = panel.ui
     assert [ui.refineModelSelector.itemData(i) for i in range(ui.refineModelSelector.count())] == ["demo-hidiff"]
     assert ui.refineStepsSpinBox.minimum() == 1 and ui.refineStepsSpinBox.maximum() == 8  # the card's num_steps
-    assert ui.refineStepsSpinBox.value() == 3 and ui.keepEditsCheckBox.isChecked()
+    assert ui.refineStepsSpinBox.value() == 1 and ui.keepEditsCheckBox.isChecked()  # the benchmark's best
     scopes = [ui.refineScopeSelector.itemData(i) for i in range(ui.refineScopeSelector.count())]
     assert scopes == ["volume", "slice", "neighbours", "roi"]
+    assert ui.refineScopeSelector.currentData() == "neighbours"
     assert ui.refineEnsembleSpinBox.minimum() == 1 and ui.refineEnsembleSpinBox.maximum() == 8
-    assert ui.refineEnsembleSpinBox.value() == 1 and ui.refineSpreadSpinBox.value() == 0.0
+    assert ui.refineEnsembleSpinBox.value() == 1 and ui.refineSpreadSpinBox.value() == 0.5
     assert 0.0 == ui.refineSpreadSpinBox.minimum() < ui.refineSpreadSpinBox.maximum() == 1.0
     assert not ui.refineButton.isEnabled() and not ui.oneStepButton.isEnabled() and not ui.undoRefineButton.isEnabled()
     assert ui.refineButton.property("toolTip") == "Choose the input volume first."
@@ -228,6 +229,8 @@ def test_refine_runs_in_the_background_can_be_cancelled_and_undone(panel):
     volume, segmentation, discs = _discs_with_segmentation()
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    ui.refineScopeSelector.setCurrentIndex(ui.refineScopeSelector.findData("volume"))
+    ui.refineStepsSpinBox.setValue(3)
     ui.refineButton.click()
     assert wait_until(lambda: panel.logic.status.stage == "refining", 10)
     assert _text(ui.refineButton) == "Cancel" and ui.refineButton.isEnabled()
