@@ -18,7 +18,7 @@ What the picture shows is what happened, nothing is staged:
   **Segment** with ``hippocampus-dnet-lite``, both in the real worker process, so the
   estimate, the status line and the output segmentation are real;
 - the Refine and Finetune sections open. The Refine section lists the bundled HiDiff models
-  for volumes, if any; today there is none, so its selector is empty and its buttons are off.
+  for volumes (``hippocampus-hidiff-lite``) with the panel's default settings.
 
 It takes about a minute (most of it the worker's timing of finetuning iterations).
 """
