@@ -2,8 +2,8 @@
 
     python benchmarks/refinement --kind photos|volumes [--segmentor ID] [--refiner ID]
         [--data FOLDER] [--cases N] [--steps 1 2 3 5 10] [--scopes volume neighbours]
-        [--spread 0 0.5] [--corrections 1 2 3 5] [--default-steps 3] [--default-scope volume]
-        [--default-spread 0]
+        [--spread 0 0.5] [--corrections 1 2 3 5] [--default-steps 1] [--default-scope neighbours]
+        [--default-spread 0.5]
         [--threads 2] [--out benchmarks/results/refinement-<kind>]
 
 Only validation cases are used: those both models' cards list under
@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = {
-    "photos": ("polyp-hidiff-lite", "polyp-hidiff-lite", "kvasir_seg"),
+    "photos": ("polyp-banet-lite", "polyp-hidiff-lite", "kvasir_seg"),
     "volumes": ("hippocampus-dnet-lite", "hippocampus-hidiff-lite", "msd_hippocampus"),
 }
 
@@ -58,11 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=20, help="validation cases to use (the first N, sorted)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     parser.add_argument("--scopes", nargs="+", help="refinement scopes (default: volume, and neighbours for volumes)")
-    parser.add_argument("--spread", type=float, nargs="+", default=[0.0], help="edit spreading weights to try")
+    parser.add_argument("--spread", type=float, nargs="+", default=[0.0, 0.5], help="edit spreading weights to try")
     parser.add_argument("--corrections", type=int, nargs="+", default=[1, 2, 3, 5])
-    parser.add_argument("--default-steps", type=int, default=3, help="steps of the interactive curve")
-    parser.add_argument("--default-scope", default="volume", help="scope of the interactive curve")
-    parser.add_argument("--default-spread", type=float, default=0.0, help="edit spreading of the interactive curve")
+    # the curve's settings default to the panel's Refine defaults (MedSegSuiteLib/slicer/parameters.py)
+    parser.add_argument("--default-steps", type=int, default=1, help="steps of the interactive curve")
+    parser.add_argument("--default-scope", default="neighbours", help="scope of the interactive curve")
+    parser.add_argument("--default-spread", type=float, default=0.5, help="edit spreading of the interactive curve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="results path without suffix (default: benchmarks/results/refinement-KIND)")
     return parser.parse_args(argv)
