@@ -2,7 +2,7 @@
 
 Reference: T. Chen, C. Wang, Z. Chen, Y. Lei, H. Shan, "HiDiff: Hybrid Diffusion Framework for
 Medical Image Segmentation", IEEE TMI 2024, arXiv 2407.03548. Spec: ``specs/hidiff.md`` §2-§3.
-The diffusion itself (schedules, sampling, loss) lives in :mod:`MedSegSuiteLib.refine.bbdm`.
+The diffusion itself (schedules, sampling, loss) lives in :mod:`MedSegSuiteLib.networks.bbdm`.
 
 Attribute names follow the official ``BBDM_binary.UNetModel`` so that official-layout state
 dicts load with ``strict=True``; the real-valued twin (``binary=False``) has the same keys.
@@ -696,7 +696,7 @@ class BBDMRefiner(nn.Module):
     probability that each bit of ``y_t`` is flipped relative to ``y0`` (the official network
     returns that sigmoid; the logits are returned here so that the loss and the calibration
     ``y0_hat = |y_t - eps_hat|`` stay numerically stable, see
-    :meth:`MedSegSuiteLib.refine.bbdm.BBDM.calibrate_logits`). ``y_t`` is ``{0,1}``-valued,
+    :meth:`MedSegSuiteLib.networks.bbdm.BBDM.calibrate_logits`). ``y_t`` is ``{0,1}``-valued,
     ``prior`` in ``[0,1]``, ``t`` the raw step index (not rescaled). ``H`` and ``W`` must be
     divisible by 32; ``f_i`` has ``condition_dims[i]`` channels at ``H/2^(i+2)``. The Predictor's
     logits contract does not apply (this is not a segmentor). Use ``eval()`` for inference
@@ -860,7 +860,7 @@ class FeatureSegmentor(Protocol):
     ``feature_dims``: channels of the four feature maps; ``num_classes``: ``K``.
     ``features_and_logits(x [B, C, H, W]) -> ([f0, f1, f2, f3], logits [B, K, H, W])`` with
     ``f_i`` of shape ``[B, feature_dims[i], H/2^(i+2), W/2^(i+2)]`` (H, W divisible by 32).
-    The refiner's prior is ``MedSegSuiteLib.refine.bbdm.prior_from_logits(logits)``.
+    The refiner's prior is ``MedSegSuiteLib.networks.bbdm.prior_from_logits(logits)``.
     """
 
     feature_dims: tuple[int, int, int, int]

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..refine.bbdm import BBDM, BernoulliSchedule, prior_from_logits
+from .bbdm import BBDM, BernoulliSchedule, prior_from_logits
 from .hidiff import PRESETS as _PARTS
 from .hidiff import BBDMRefiner, HiDiffSegmentor
 

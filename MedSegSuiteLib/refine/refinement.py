@@ -34,7 +34,7 @@ from ..models.loading import LoadedModel
 from ..preprocessing import match_channels, normalize
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
-from .bbdm import mask_to_channels, soften_prior
+from ..networks.bbdm import mask_to_channels, soften_prior
 
 __all__ = ["SCOPES", "Refinement", "Refiner", "axial_index"]
 

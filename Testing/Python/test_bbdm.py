@@ -1,4 +1,4 @@
-"""The mathematics of HiDiff's binary Bernoulli diffusion (MedSegSuiteLib.refine.bbdm)."""
+"""The mathematics of HiDiff's binary Bernoulli diffusion (MedSegSuiteLib.networks.bbdm)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from MedSegSuiteLib.refine.bbdm import (
+from MedSegSuiteLib.networks.bbdm import (
     BBDM,
     BernoulliSchedule,
     bernoulli_kl,

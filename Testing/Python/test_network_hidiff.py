@@ -18,7 +18,7 @@ from MedSegSuiteLib.networks.hidiff import (
     HiDiffSegmentor,
     XFormer,
 )
-from MedSegSuiteLib.refine.bbdm import BBDM, BernoulliSchedule, prior_from_logits
+from MedSegSuiteLib.networks.bbdm import BBDM, BernoulliSchedule, prior_from_logits
 
 PAPER_K9_PARAMS = 89_209_929
 PAPER_K1_RGB_PARAMS = 89_184_577

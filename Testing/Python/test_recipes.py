@@ -89,6 +89,9 @@ def test_network_trains_through_the_cli_and_its_model_segments(
     )
     assert code == 0, capsys.readouterr().err
     log = json.loads((output / "training_log.json").read_text(encoding="utf-8"))
+    steps = [entry for entry in log if "val_dice" not in entry]
+    # Every logged step (ConDSeg's stage-1 steps too) reports the loss the progress bar shows.
+    assert steps and all(np.isfinite(entry["loss"]) for entry in steps), steps[:3]
     validations = [entry["val_dice"] for entry in log if "val_dice" in entry]
     assert validations[-1] > max(0.5, validations[0] + 0.2) or max(validations) > 0.7, validations
     model = load_model(output)

@@ -128,8 +128,9 @@ class ConDSegRecipe(Recipe):
         return {k: float(v.detach()) for k, v in parts.items()}
 
     def step(self, data: TrainingData, generator: torch.Generator, iteration: int) -> dict[str, float]:
-        if iteration < self.stage1_iterations:
-            return {f"stage1_{k}": v for k, v in self._stage1_step(data, generator).items()}
+        if iteration < self.stage1_iterations:  # "loss" is stage 1's own, the parts are named by stage
+            parts = self._stage1_step(data, generator)
+            return {"loss": parts.pop("loss"), **{f"stage1_{k}": v for k, v in parts.items()}}
         if self.stage1 is not None and iteration == self.stage1_iterations:
             transfer_stage1_encoder(self.stage1, self.network)
         images, classes = data.labelled_batch(generator)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...inference.device import autocast
-from ...refine.bbdm import mask_to_channels, prior_from_logits
+from ...networks.bbdm import mask_to_channels, prior_from_logits
 from ..data import Augment
 from ..losses.common import dice_ce_loss
 from .base import Recipe, TrainingData, make_schedule
