@@ -31,10 +31,10 @@ from ..errors import InputError, ModelError
 from ..geometry import Box, crop, paste, to_canonical
 from ..inference.device import autocast, resolve_device
 from ..models.loading import LoadedModel
+from ..networks.bbdm import mask_to_channels, soften_prior
 from ..preprocessing import match_channels, normalize
 from ..progress import ProgressCallback, check_cancelled, report
 from ..volume import Volume
-from ..networks.bbdm import mask_to_channels, soften_prior
 
 __all__ = ["SCOPES", "Refinement", "Refiner", "axial_index"]
 

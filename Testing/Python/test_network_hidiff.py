@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import KEYS, official_manifest
 
 from MedSegSuiteLib.networks import create
+from MedSegSuiteLib.networks.bbdm import BBDM, BernoulliSchedule, prior_from_logits
 from MedSegSuiteLib.networks.hidiff import (
     PRESETS,
     ApproxSign,
@@ -18,7 +19,6 @@ from MedSegSuiteLib.networks.hidiff import (
     HiDiffSegmentor,
     XFormer,
 )
-from MedSegSuiteLib.networks.bbdm import BBDM, BernoulliSchedule, prior_from_logits
 
 PAPER_K9_PARAMS = 89_209_929
 PAPER_K1_RGB_PARAMS = 89_184_577
