@@ -85,252 +85,149 @@ def get_parameter_node(scene: Optional[Any] = None, create: bool = True) -> Opti
     return node
 
 
+class _Reference:
+    """A node reference of the parameter node (None when unset)."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        return self if owner is None else owner.node.GetNodeReference(self.role)
+
+    def __set__(self, owner: Parameters, value: Optional[Any]) -> None:
+        owner.node.SetNodeReferenceID(self.role, value.GetID() if value is not None else None)
+
+
+class _References(_Reference):
+    """Several node references under one role, in order (missing nodes left out)."""
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        if owner is None:
+            return self
+        node = owner.node
+        found = (node.GetNthNodeReference(self.role, n) for n in range(node.GetNumberOfNodeReferences(self.role)))
+        return [value for value in found if value is not None]
+
+    def __set__(self, owner: Parameters, values: list[Any]) -> None:
+        values = list(values)
+        if [n.GetID() for n in self.__get__(owner, type(owner))] == [n.GetID() for n in values]:
+            return
+        was_modifying = owner.node.StartModify()
+        try:
+            owner.node.RemoveNodeReferenceIDs(self.role)
+            for value in values:
+                owner.node.AddNodeReferenceID(self.role, value.GetID())
+        finally:
+            owner.node.EndModify(was_modifying)
+
+
+class _Text:
+    """A string parameter; with ``fallback`` an empty value reads and writes as its default."""
+
+    def __init__(self, key: str, fallback: bool = False) -> None:
+        self.key = key
+        self.empty = DEFAULTS[key] if fallback else ""
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        return self if owner is None else owner.node.GetParameter(self.key) or self.empty
+
+    def __set__(self, owner: Parameters, value: str) -> None:
+        owner.node.SetParameter(self.key, value or self.empty)
+
+
+class _Flag:
+    """A "true"/"false" parameter; anything else reads as ``default``."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.default = DEFAULTS[key] == "true"
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        if owner is None:
+            return self
+        text = owner.node.GetParameter(self.key)
+        return self.default if text not in ("true", "false") else text == "true"
+
+    def __set__(self, owner: Parameters, value: bool) -> None:
+        owner.node.SetParameter(self.key, "true" if value else "false")
+
+
+class _Integer:
+    """An integer parameter, at least ``minimum`` (when given); unreadable text reads as the default."""
+
+    def __init__(self, key: str, minimum: Optional[int] = None) -> None:
+        self.key = key
+        self.minimum = minimum
+
+    def _clamped(self, value: int) -> int:
+        return value if self.minimum is None else max(self.minimum, value)
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        if owner is None:
+            return self
+        try:
+            return self._clamped(int(owner.node.GetParameter(self.key)))
+        except ValueError:
+            return int(DEFAULTS[self.key])
+
+    def __set__(self, owner: Parameters, value: int) -> None:
+        owner.node.SetParameter(self.key, str(self._clamped(int(value))))
+
+
+class _Fraction:
+    """A number from 0 to 1 (clamped); unreadable text or NaN reads as the default."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get__(self, owner: Optional[Parameters], kind: type) -> Any:
+        if owner is None:
+            return self
+        try:
+            value = float(owner.node.GetParameter(self.key))
+        except ValueError:
+            value = float("nan")
+        return min(1.0, max(0.0, value)) if value == value else float(DEFAULTS[self.key])
+
+    def __set__(self, owner: Parameters, value: float) -> None:
+        owner.node.SetParameter(self.key, f"{min(1.0, max(0.0, float(value))):g}")
+
+
 class Parameters:
     """Typed view of a parameter node; setting a value modifies the node (and notifies observers)."""
 
+    input_volume = _Reference(INPUT_VOLUME)
+    output_segmentation = _Reference(OUTPUT_SEGMENTATION)
+    region = _Reference(REGION)
+    model_id = _Text(MODEL)
+    device = _Text(DEVICE, fallback=True)
+    fast = _Flag(FAST)
+    refine_region = _Reference(REFINE_REGION)
+    refine_model_id = _Text(REFINE_MODEL)
+    refine_steps = _Integer(REFINE_STEPS)
+    refine_scope = _Text(REFINE_SCOPE, fallback=True)
+    #: Slices on either side of the current one for the scope "neighbours" (at least 0).
+    refine_neighbours = _Integer(REFINE_NEIGHBOURS, minimum=0)
+    #: How strongly an edited slice guides the slices beside it, 0 to 1.
+    refine_spread = _Fraction(REFINE_SPREAD)
+    #: Refinement chains per click, at least 1 (2 or more also show where they disagree).
+    refine_ensemble = _Integer(REFINE_ENSEMBLE, minimum=1)
+    keep_edits = _Flag(KEEP_EDITS)
+    export_format = _Text(EXPORT_FORMAT, fallback=True)
+    export_path = _Text(EXPORT_PATH)
+    export_overwrite = _Flag(EXPORT_OVERWRITE)
+    #: The model finetuning starts from ("" until chosen).
+    finetune_model_id = _Text(FINETUNE_MODEL)
+    finetune_iterations = _Integer(FINETUNE_ITERATIONS, minimum=1)
+    #: An optional folder of more unlabelled images.
+    finetune_folder = _Text(FINETUNE_FOLDER)
+    #: The checked labelled cases (segmentation nodes; each brings its reference volume).
+    finetune_labelled = _References(FINETUNE_LABELLED)
+    #: The checked unlabelled volume nodes.
+    finetune_unlabelled = _References(FINETUNE_UNLABELLED)
+    finetune_loss_table = _Reference(FINETUNE_LOSS_TABLE)
+    finetune_validation_table = _Reference(FINETUNE_VALIDATION_TABLE)
+    finetune_chart = _Reference(FINETUNE_CHART)
+
     def __init__(self, node: Any) -> None:
         self.node = node
-
-    def _ref(self, role: str) -> Optional[Any]:
-        return self.node.GetNodeReference(role)
-
-    def _set_ref(self, role: str, value: Optional[Any]) -> None:
-        self.node.SetNodeReferenceID(role, value.GetID() if value is not None else None)
-
-    def _refs(self, role: str) -> list[Any]:
-        nodes = (self.node.GetNthNodeReference(role, n) for n in range(self.node.GetNumberOfNodeReferences(role)))
-        return [node for node in nodes if node is not None]
-
-    def _set_refs(self, role: str, values: list[Any]) -> None:
-        if [node.GetID() for node in self._refs(role)] == [node.GetID() for node in values]:
-            return
-        was_modifying = self.node.StartModify()
-        try:
-            self.node.RemoveNodeReferenceIDs(role)
-            for value in values:
-                self.node.AddNodeReferenceID(role, value.GetID())
-        finally:
-            self.node.EndModify(was_modifying)
-
-    @property
-    def input_volume(self) -> Optional[Any]:
-        return self._ref(INPUT_VOLUME)
-
-    @input_volume.setter
-    def input_volume(self, value: Optional[Any]) -> None:
-        self._set_ref(INPUT_VOLUME, value)
-
-    @property
-    def output_segmentation(self) -> Optional[Any]:
-        return self._ref(OUTPUT_SEGMENTATION)
-
-    @output_segmentation.setter
-    def output_segmentation(self, value: Optional[Any]) -> None:
-        self._set_ref(OUTPUT_SEGMENTATION, value)
-
-    @property
-    def region(self) -> Optional[Any]:
-        return self._ref(REGION)
-
-    @region.setter
-    def region(self, value: Optional[Any]) -> None:
-        self._set_ref(REGION, value)
-
-    @property
-    def model_id(self) -> str:
-        return self.node.GetParameter(MODEL)
-
-    @model_id.setter
-    def model_id(self, value: str) -> None:
-        self.node.SetParameter(MODEL, value or "")
-
-    @property
-    def device(self) -> str:
-        return self.node.GetParameter(DEVICE) or DEFAULTS[DEVICE]
-
-    @device.setter
-    def device(self, value: str) -> None:
-        self.node.SetParameter(DEVICE, value or DEFAULTS[DEVICE])
-
-    @property
-    def fast(self) -> bool:
-        return self.node.GetParameter(FAST) == "true"
-
-    @fast.setter
-    def fast(self, value: bool) -> None:
-        self.node.SetParameter(FAST, "true" if value else "false")
-
-    @property
-    def refine_region(self) -> Optional[Any]:
-        return self._ref(REFINE_REGION)
-
-    @refine_region.setter
-    def refine_region(self, value: Optional[Any]) -> None:
-        self._set_ref(REFINE_REGION, value)
-
-    @property
-    def refine_model_id(self) -> str:
-        return self.node.GetParameter(REFINE_MODEL)
-
-    @refine_model_id.setter
-    def refine_model_id(self, value: str) -> None:
-        self.node.SetParameter(REFINE_MODEL, value or "")
-
-    @property
-    def refine_steps(self) -> int:
-        try:
-            return int(self.node.GetParameter(REFINE_STEPS))
-        except ValueError:
-            return int(DEFAULTS[REFINE_STEPS])
-
-    @refine_steps.setter
-    def refine_steps(self, value: int) -> None:
-        self.node.SetParameter(REFINE_STEPS, str(int(value)))
-
-    @property
-    def refine_scope(self) -> str:
-        return self.node.GetParameter(REFINE_SCOPE) or DEFAULTS[REFINE_SCOPE]
-
-    @refine_scope.setter
-    def refine_scope(self, value: str) -> None:
-        self.node.SetParameter(REFINE_SCOPE, value or DEFAULTS[REFINE_SCOPE])
-
-    @property
-    def refine_neighbours(self) -> int:
-        """Slices on either side of the current one for the scope "neighbours" (at least 0)."""
-        try:
-            return max(0, int(self.node.GetParameter(REFINE_NEIGHBOURS)))
-        except ValueError:
-            return int(DEFAULTS[REFINE_NEIGHBOURS])
-
-    @refine_neighbours.setter
-    def refine_neighbours(self, value: int) -> None:
-        self.node.SetParameter(REFINE_NEIGHBOURS, str(max(0, int(value))))
-
-    @property
-    def refine_spread(self) -> float:
-        """How strongly an edited slice guides the slices beside it, 0 to 1."""
-        try:
-            value = float(self.node.GetParameter(REFINE_SPREAD))
-        except ValueError:
-            return float(DEFAULTS[REFINE_SPREAD])
-        return min(1.0, max(0.0, value)) if value == value else float(DEFAULTS[REFINE_SPREAD])
-
-    @refine_spread.setter
-    def refine_spread(self, value: float) -> None:
-        self.node.SetParameter(REFINE_SPREAD, f"{min(1.0, max(0.0, float(value))):g}")
-
-    @property
-    def refine_ensemble(self) -> int:
-        """Refinement chains per click, at least 1 (2 or more also show where they disagree)."""
-        try:
-            return max(1, int(self.node.GetParameter(REFINE_ENSEMBLE)))
-        except ValueError:
-            return int(DEFAULTS[REFINE_ENSEMBLE])
-
-    @refine_ensemble.setter
-    def refine_ensemble(self, value: int) -> None:
-        self.node.SetParameter(REFINE_ENSEMBLE, str(max(1, int(value))))
-
-    @property
-    def keep_edits(self) -> bool:
-        return self.node.GetParameter(KEEP_EDITS) != "false"
-
-    @keep_edits.setter
-    def keep_edits(self, value: bool) -> None:
-        self.node.SetParameter(KEEP_EDITS, "true" if value else "false")
-
-    @property
-    def export_format(self) -> str:
-        return self.node.GetParameter(EXPORT_FORMAT) or DEFAULTS[EXPORT_FORMAT]
-
-    @export_format.setter
-    def export_format(self, value: str) -> None:
-        self.node.SetParameter(EXPORT_FORMAT, value or DEFAULTS[EXPORT_FORMAT])
-
-    @property
-    def export_path(self) -> str:
-        return self.node.GetParameter(EXPORT_PATH)
-
-    @export_path.setter
-    def export_path(self, value: str) -> None:
-        self.node.SetParameter(EXPORT_PATH, value or "")
-
-    @property
-    def export_overwrite(self) -> bool:
-        return self.node.GetParameter(EXPORT_OVERWRITE) == "true"
-
-    @export_overwrite.setter
-    def export_overwrite(self, value: bool) -> None:
-        self.node.SetParameter(EXPORT_OVERWRITE, "true" if value else "false")
-
-    @property
-    def finetune_model_id(self) -> str:
-        """The model finetuning starts from ("" until chosen)."""
-        return self.node.GetParameter(FINETUNE_MODEL)
-
-    @finetune_model_id.setter
-    def finetune_model_id(self, value: str) -> None:
-        self.node.SetParameter(FINETUNE_MODEL, value or "")
-
-    @property
-    def finetune_iterations(self) -> int:
-        try:
-            return max(1, int(self.node.GetParameter(FINETUNE_ITERATIONS)))
-        except ValueError:
-            return int(DEFAULTS[FINETUNE_ITERATIONS])
-
-    @finetune_iterations.setter
-    def finetune_iterations(self, value: int) -> None:
-        self.node.SetParameter(FINETUNE_ITERATIONS, str(int(value)))
-
-    @property
-    def finetune_folder(self) -> str:
-        """An optional folder of more unlabelled images."""
-        return self.node.GetParameter(FINETUNE_FOLDER)
-
-    @finetune_folder.setter
-    def finetune_folder(self, value: str) -> None:
-        self.node.SetParameter(FINETUNE_FOLDER, value or "")
-
-    @property
-    def finetune_labelled(self) -> list[Any]:
-        """The checked labelled cases (segmentation nodes; each brings its reference volume)."""
-        return self._refs(FINETUNE_LABELLED)
-
-    @finetune_labelled.setter
-    def finetune_labelled(self, values: list[Any]) -> None:
-        self._set_refs(FINETUNE_LABELLED, list(values))
-
-    @property
-    def finetune_unlabelled(self) -> list[Any]:
-        """The checked unlabelled volume nodes."""
-        return self._refs(FINETUNE_UNLABELLED)
-
-    @finetune_unlabelled.setter
-    def finetune_unlabelled(self, values: list[Any]) -> None:
-        self._set_refs(FINETUNE_UNLABELLED, list(values))
-
-    @property
-    def finetune_loss_table(self) -> Optional[Any]:
-        return self._ref(FINETUNE_LOSS_TABLE)
-
-    @finetune_loss_table.setter
-    def finetune_loss_table(self, value: Optional[Any]) -> None:
-        self._set_ref(FINETUNE_LOSS_TABLE, value)
-
-    @property
-    def finetune_validation_table(self) -> Optional[Any]:
-        return self._ref(FINETUNE_VALIDATION_TABLE)
-
-    @finetune_validation_table.setter
-    def finetune_validation_table(self, value: Optional[Any]) -> None:
-        self._set_ref(FINETUNE_VALIDATION_TABLE, value)
-
-    @property
-    def finetune_chart(self) -> Optional[Any]:
-        return self._ref(FINETUNE_CHART)
-
-    @finetune_chart.setter
-    def finetune_chart(self, value: Optional[Any]) -> None:
-        self._set_ref(FINETUNE_CHART, value)

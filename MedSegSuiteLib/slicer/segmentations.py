@@ -26,7 +26,7 @@ from vtk.util import numpy_support
 
 from ..errors import InputError
 from ..io.label_table import terminology_string
-from ..io.seg_nrrd import ROLE_UNCERTAINTY, TAG_ROLE
+from ..io.seg_nrrd import ROLE_UNCERTAINTY, TAG_LABEL_VALUE, TAG_MODEL, TAG_ROLE
 from .volumes import grid_from_node
 
 if TYPE_CHECKING:
@@ -58,8 +58,6 @@ __all__ = [
     "write_labels",
 ]
 
-TAG_MODEL = "MedSegSuite.model"
-TAG_LABEL_VALUE = "MedSegSuite.labelValue"
 #: Node attribute: how the input was far from what the model was trained on, sentences joined by " | "
 #: (the command line records the same in a .seg.nrrd header or a label table).
 TAG_INPUT_WARNINGS = "MedSegSuite.inputWarnings"
