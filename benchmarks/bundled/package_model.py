@@ -1,6 +1,7 @@
 """Turn a trained model folder into a bundled model in Resources/Models/<id>/.
 
     python benchmarks/bundled/package_model.py TRAINED_DIR DATA [--h5-spacing X,Y,Z] [--drop-aux]
+        [--version X.Y.Z] [--sampling-steps N] [--output Resources/Models]
 
 - re-measures Dice/IoU/HD95 on the card's validation cases with ``medsegsuite evaluate``
   (the Predictor at each image's own resolution, as ``medsegsuite segment`` runs it);
@@ -60,11 +61,14 @@ def main() -> None:
     parser.add_argument("--drop-aux", action="store_true", help="build ConDSeg without its training-only aux head")
     parser.add_argument("--output", default=str(resources_dir() / "Models"))
     parser.add_argument("--sampling-steps", type=int, help="HiDiff: refiner calls when segmenting (0: segmentor alone)")
+    parser.add_argument("--version", help="the bundled model's version (default: the trained card's)")
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 2)  # 1 when it shares the CPU with a training
     torch.set_num_threads(threads)
     trained = load_model(args.trained)
     card = trained.card.to_dict()
+    if args.version:
+        card["version"] = args.version
     spacing = tuple(float(v) for v in args.h5_spacing.split(","))
     ids = set(card["training"]["validation_ids"])
     cases = load_cases([c for c in discover_cases(args.data) if c.id in ids], spacing)
