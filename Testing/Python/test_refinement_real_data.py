@@ -3,7 +3,7 @@
 it; on a small fixed set of cases no edit moves and no case loses more than the bar's 0.02 Dice.
 
 With D-Net 1.1.0 as the segmentor the refined masks also beat the corrected ones on average here
-(+0.005); with D-Net 2.0.0 they do not (-0.003), so that half of the bar is reported in the README
+(+0.005); with D-Net 2.0.0 and 3.0.0 they do not (-0.003), so that half of the bar is reported in the README
 ("Refinement benchmark"), not pinned."""
 
 from __future__ import annotations
