@@ -1,7 +1,7 @@
 """Turn a trained model folder into a bundled model in Resources/Models/<id>/.
 
     python benchmarks/bundled/package_model.py TRAINED_DIR DATA [--h5-spacing X,Y,Z] [--drop-aux]
-        [--version X.Y.Z] [--sampling-steps N] [--output Resources/Models]
+        [--version X.Y.Z] [--modality MR] [--sampling-steps N] [--output Resources/Models]
 
 - re-measures Dice/IoU/HD95 on the card's validation cases with ``medsegsuite evaluate``
   (the Predictor at each image's own resolution, as ``medsegsuite segment`` runs it);
@@ -14,7 +14,7 @@
   ``dice_full_inference`` or ``dice_segmentor_only``; ``--sampling-steps 0`` makes
   ``segment`` use the segmentor alone (the refiner still runs refinement steps);
 - adds the profile of the training inputs (``training.inputs``, for fit warnings) to a card
-  trained before ``medsegsuite train`` recorded it.
+  trained before ``medsegsuite train`` recorded it, and ``--modality`` to that profile.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(resources_dir() / "Models"))
     parser.add_argument("--sampling-steps", type=int, help="HiDiff: refiner calls when segmenting (0: segmentor alone)")
     parser.add_argument("--version", help="the bundled model's version (default: the trained card's)")
+    parser.add_argument("--modality", help="the training images' modality (e.g. MR), for the fit warnings")
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 2)  # 1 when it shares the CPU with a training
     torch.set_num_threads(threads)
@@ -81,6 +82,8 @@ def main() -> None:
         training = load_cases([c for c in discover_cases(args.data) if c.id not in ids], spacing)
         card["training"]["inputs"] = input_profile([image for _, image, _ in training])
         del training
+    if args.modality:
+        card["training"]["inputs"]["modality"] = args.modality
     other = None  # HiDiff: the inference segment does not use (full chain, or the segmentor alone)
     if card["network"] == "hidiff":
         used = trained.network.sampling_steps if args.sampling_steps is None else args.sampling_steps

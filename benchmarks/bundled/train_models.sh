@@ -43,7 +43,8 @@ hippocampus-dnet-lite() {
     --labels "$labels/hippocampus_labels.json" --iterations 5000 --batch-size 2 \
     --patch 32,64,32 --spacing 1,1,1 --validate-every 500 --recipe "augment={'flip_axes':'x','rotate_p':0.5}" \
     --data-licence "CC BY-SA 4.0 (Medical Segmentation Decathlon)"
-  python benchmarks/bundled/package_model.py "$out/hippocampus-dnet-lite" "$data/msd_hippocampus" --version 3.0.0
+  python benchmarks/bundled/package_model.py "$out/hippocampus-dnet-lite" "$data/msd_hippocampus" --version 3.0.0 \
+    --modality MR
 }
 
 hippocampus-hidiff-lite() {
