@@ -188,7 +188,6 @@ def main(argv: list[str]) -> int:
     model = refinement._model(args.refiner or refiner_id)
     if model.card.network != "hidiff":
         raise SystemExit(f"{model.card.id} is a {model.card.network} model; the refiner check needs a HiDiff model")
-    args.segmentor = None
     started = time.perf_counter()
     cases = {}
     for case_id, image, reference in refinement._cases(args, model, model):
