@@ -504,6 +504,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         validate_every=args.validate_every,
         labelled_cases=args.labelled_cases,
         recipe=_config(args.recipe),
+        init_encoder=args.init_encoder,
     )
     bar = ProgressBar(enabled=not args.quiet and main_rank)
     try:
@@ -874,6 +875,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--labelled-cases", type=int, help="use labels of only this many training cases (semi-supervised)"
     )
     train.add_argument("--recipe", nargs="*", default=[], help="recipe options key=value (e.g. stage1_fraction=0.2)")
+    train.add_argument(
+        "--init-encoder",
+        metavar="MODEL",
+        help="start the ResNet trunk from this trained model's trunk (id or folder; same width and depth, "
+        "e.g. a BA-Net model for ConDSeg with --config encoder_width=24)",
+    )
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

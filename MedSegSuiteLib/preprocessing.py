@@ -24,13 +24,21 @@ refused: :func:`check_channels` says so before any work, :func:`match_channels` 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["NORMALIZATIONS", "channels_map", "check_channels", "match_channels", "normalize", "validate_normalization"]
+__all__ = [
+    "NORMALIZATIONS",
+    "channels_map",
+    "check_channels",
+    "match_channels",
+    "normalize",
+    "pixel_affine",
+    "validate_normalization",
+]
 
 NORMALIZATIONS = ("none", "zscore", "scale", "imagenet", "window", "percentile")
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -54,6 +62,23 @@ def validate_normalization(spec: Mapping[str, Any]) -> dict[str, Any]:
         if "low" not in out or "high" not in out or not float(out["low"]) < float(out["high"]):
             raise ValueError(f"normalization {kind} needs numbers low < high, got {spec!r}")
     return out
+
+
+def pixel_affine(spec: Mapping[str, Any], channels: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(a, b)`` with ``normalize(x) = a * x + b`` per channel (``[channels]`` float32 arrays).
+
+    Only a fixed per-pixel map has one: ``none``, ``scale`` and ``imagenet`` (3 channels); the
+    normalisations that depend on the image (z-score, window, percentile) return ``None``.
+    """
+    spec = validate_normalization(spec)
+    ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+    if spec["kind"] == "none":
+        return ones, zeros
+    if spec["kind"] == "scale":
+        return ones / float(spec["divisor"]), zeros
+    if spec["kind"] == "imagenet" and channels == 3:
+        return 1.0 / (float(spec["divisor"]) * _IMAGENET_STD), -_IMAGENET_MEAN / _IMAGENET_STD
+    return None
 
 
 def channels_map(have: int, channels: int) -> bool:

@@ -458,6 +458,7 @@ class ConDSeg(nn.Module):
             raise ValueError(f"dim must be even, >= 16 and divisible by num_heads ({num_heads}), got {dim}")
         self.dim = dim
         self.out_channels = out_channels
+        self.in_channels, self.encoder_layers, self.encoder_width = in_channels, tuple(encoder_layers), encoder_width
         self.layer0, self.layer1, self.layer2, self.layer3 = _trunk(in_channels, encoder_layers, encoder_width)
         widths = _trunk_widths(encoder_width)
         for k, width in enumerate(widths):
@@ -587,6 +588,7 @@ class ConDSegStage1(nn.Module):
         super().__init__()
         if in_channels < 1 or out_channels < 1 or head_width < 1:
             raise ValueError("in_channels, out_channels and head_width must be positive")
+        self.in_channels, self.encoder_layers, self.encoder_width = in_channels, tuple(encoder_layers), encoder_width
         self.layer0, self.layer1, self.layer2, self.layer3 = _trunk(in_channels, encoder_layers, encoder_width)
         self.head = _Adjust(_trunk_widths(encoder_width), head_width, out_channels)
 

@@ -26,6 +26,7 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "convert_torchvision_resnet50",
+    "copy_resnet_trunk",
     "fused_conv_bn",
     "load_imagenet_encoder",
     "read_state_dict",
@@ -335,4 +336,62 @@ def load_imagenet_encoder(model: nn.Module, path: str | os.PathLike) -> list[str
         raise ValueError(f"the ImageNet file lacks encoder tensors {encoder_missing[:5]}")
     model.load_state_dict(update, strict=False)
     logger.info("loaded %d ImageNet tensors into %s", len(update), type(model).__name__)
+    return sorted(update)
+
+
+def _trunk_vocabulary() -> list[str]:
+    """Every torchvision ResNet-50 trunk key (``conv1.*``, ``bn1.*``, ``layer1.0.*`` .. ``layer4.2.*``)."""
+    return list(ResNet(width=1).state_dict())
+
+
+def copy_resnet_trunk(
+    source: nn.Module,
+    target: nn.Module,
+    input_scale: Optional[Sequence[float]] = None,
+    input_offset: Optional[Sequence[float]] = None,
+) -> list[str]:
+    """Copy the ResNet trunk of a trained ``source`` network into ``target``: parameters and BN statistics.
+
+    Both networks define ``imagenet_key(torchvision_key) -> own key or None`` (BA-Net, ConDSeg and
+    ConDSeg's stage-1 network do); a trunk tensor is copied when both networks have it. Every tensor
+    under ``target.encoder_prefixes`` must be covered with the same shape, else ``ValueError`` (for
+    example a trunk of another width or depth). ``input_scale`` and ``input_offset`` (one value per
+    input channel) say how the two networks' inputs differ: the source saw ``x * scale + offset``
+    where the target sees ``x``. The stem filters are then rescaled and the stem BN's running mean
+    shifted, so the copied trunk computes the source's features from the target's input (exactly,
+    away from the image border, where zero padding differs). Returns the target keys written.
+    """
+    for network in (source, target):
+        if not callable(getattr(network, "imagenet_key", None)):
+            raise ValueError(f"{type(network).__name__} has no ResNet trunk to copy")
+    have, own = source.state_dict(), target.state_dict()
+    update: dict[str, torch.Tensor] = {}
+    for key in _trunk_vocabulary():
+        src, dst = source.imagenet_key(key), target.imagenet_key(key)
+        if src is None or dst is None or src not in have or dst not in own:
+            continue
+        if tuple(have[src].shape) != tuple(own[dst].shape):
+            raise ValueError(
+                f"the trunks differ at {dst}: {tuple(have[src].shape)} in the source, {tuple(own[dst].shape)} here; "
+                "build this network with the source's encoder width and depth"
+            )
+        update[dst] = have[src].detach().clone().to(own[dst].dtype)
+    prefixes = tuple(getattr(target, "encoder_prefixes", ("conv1.", "bn1.", "layer")))
+    missing = [k for k in own if k.startswith(prefixes) and k not in update and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"the source's trunk lacks {missing[:3]} ({len(missing)} tensors): it is shallower")
+    if input_scale is not None or input_offset is not None:
+        stem, stem_bn = target.imagenet_key("conv1.weight"), target.imagenet_key("bn1.running_mean")
+        weight = update[stem].float()
+        channels = weight.shape[1]
+        scale = torch.as_tensor(input_scale if input_scale is not None else [1.0] * channels, dtype=torch.float32)
+        offset = torch.as_tensor(input_offset if input_offset is not None else [0.0] * channels, dtype=torch.float32)
+        if scale.numel() != channels or offset.numel() != channels:
+            raise ValueError(f"input_scale and input_offset need one value per input channel ({channels})")
+        # conv_W(x * s + o) = conv_{W * s}(x) + sum(W * o): fold s into the filters and the constant into the BN mean.
+        update[stem] = (weight * scale.view(1, -1, 1, 1)).to(own[stem].dtype)
+        shift = (weight * offset.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        update[stem_bn] = (update[stem_bn].float() - shift).to(own[stem_bn].dtype)
+    target.load_state_dict(update, strict=False)
+    logger.info("copied %d trunk tensors from %s into %s", len(update), type(source).__name__, type(target).__name__)
     return sorted(update)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import networks
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from ..inference.device import resolve_device
 from ..inference.fit_check import input_profile
 from ..models import ModelEntry
@@ -72,6 +72,7 @@ class TrainOptions:
     validate_every: int = 0
     max_val_cases: int = 200
     labelled_cases: Optional[int] = None  # keep labels for only this many training cases; the rest are unlabelled
+    init_encoder: Optional[str] = None  # a trained model (id or folder) whose ResNet trunk starts this network
 
 
 def build_card(
@@ -179,6 +180,62 @@ def _check_input_size(network: torch.nn.Module, channels: int, size_zyx: Optiona
         model.train(was_training)
 
 
+def _same_folder(a: Any, b: Any) -> bool:
+    a, b = Path(str(a)), Path(str(b))
+    return a.resolve() == b.resolve() or (a.name == b.name and a.name != "")
+
+
+def init_encoder_from(
+    network: torch.nn.Module,
+    source: str,
+    normalization: dict[str, Any],
+    channels: int,
+    data: Optional[Path] = None,
+    validation_ids: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Start ``network``'s ResNet trunk from the trunk of the trained model ``source`` (id or folder).
+
+    The two models' input normalisations are reconciled in the stem (see
+    :func:`MedSegSuiteLib.networks.resnet.copy_resnet_trunk`). When the source was trained on the
+    same ``data``, every one of ``validation_ids`` must have been held out by the source too, or its
+    trunk would have seen this run's validation cases (``InputError``). Returns what the card records:
+    the source's id, version, network and the number of tensors copied. Raises ``InputError``
+    when the source cannot be loaded or its trunk does not fit.
+    """
+    from ..models import load_model
+    from ..networks.resnet import copy_resnet_trunk
+    from ..preprocessing import pixel_affine
+
+    try:
+        donor = load_model(source)
+    except (ModelError, OSError) as error:
+        raise InputError(f"--init-encoder {source}: {error}") from error
+    trained_on = donor.card.training.get("data")
+    if data is not None and trained_on and _same_folder(trained_on, data):
+        seen = sorted(set(validation_ids) - set(donor.card.training.get("validation_ids") or ()))
+        if seen:
+            raise InputError(
+                f"--init-encoder {source}: that model trained on {len(seen)} of this run's validation cases "
+                f"(e.g. {seen[0]}), so validation would flatter this one; pass --val-ids with its validation ids"
+            )
+    mine = pixel_affine(normalization, channels)
+    theirs = pixel_affine(donor.card.input.normalization, channels)
+    if mine is None or theirs is None:
+        raise InputError(
+            f"--init-encoder needs fixed per-pixel normalisations (none, scale, imagenet); "
+            f"{source} or this network normalises per image"
+        )
+    # the donor saw a_d * raw + b_d where this network sees x = a * raw + b
+    scale = theirs[0] / mine[0]
+    offset = theirs[1] - mine[1] * scale
+    try:
+        copied = copy_resnet_trunk(donor.network, network, scale.tolist(), offset.tolist())
+    except ValueError as error:
+        raise InputError(f"--init-encoder {source}: {error}") from error
+    card = donor.card
+    return {"model": card.id, "version": card.version, "network": card.network, "tensors": len(copied)}
+
+
 def train_model(
     options: TrainOptions,
     progress: Optional[ProgressCallback] = None,
@@ -241,6 +298,10 @@ def train_model(
     torch.manual_seed(options.seed)
     network = networks.create(options.network, options.preset, **config)
     _check_input_size(network, channels, tuple(reversed(size)) if dims == 2 else patch_zyx, dims)
+    if options.init_encoder:
+        card["training"]["encoder_init"] = init_encoder_from(
+            network, options.init_encoder, normalization, channels, options.data, [c.id for c in val_cases]
+        )
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
     speed = _speed_settings(recipe, run, dims)
     augment = {k: v for k, v in asdict(run["augment"]).items() if k != "extra"}

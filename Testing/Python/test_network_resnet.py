@@ -11,6 +11,7 @@ from MedSegSuiteLib.networks import create
 from MedSegSuiteLib.networks.resnet import (
     ResNet,
     convert_torchvision_resnet50,
+    copy_resnet_trunk,
     fused_conv_bn,
     load_imagenet_encoder,
     read_state_dict,
@@ -132,6 +133,44 @@ def test_load_imagenet_encoder_refuses_a_narrower_trunk(tmp_path, imagenet_like)
     torch.save(imagenet_like, path)
     with pytest.raises(ValueError, match="does not fit"):
         load_imagenet_encoder(ResNet(width=32), path)
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def test_copy_resnet_trunk_gives_the_source_features_from_the_targets_input_scaling():
+    torch.manual_seed(0)
+    source = create("banet", "lite").eval()  # width 24, 2 blocks a stage
+    _randomise_bn(source)
+    target = create("condseg", "lite", encoder_width=24).eval()
+    scale, offset = [4.4, 4.5, 4.3], [-2.1, -2.0, -1.8]  # source input = x * scale + offset
+    copied = copy_resnet_trunk(source, target, scale, offset)
+    assert len(copied) == sum(1 for k in target.state_dict() if k.startswith(target.encoder_prefixes))
+    copied_weight = source.state_dict()["pretrain_model.layer3.1.conv2.weight"]
+    assert torch.equal(target.state_dict()["layer3.1.conv2.weight"], copied_weight)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        source_input = x * torch.tensor(scale).view(1, 3, 1, 1) + torch.tensor(offset).view(1, 3, 1, 1)
+        want = source.pretrain_model(source_input)[0]
+        got = target.layer1(run_sequential(target.layer0, x))  # stage 1, stride 4
+    # the same features away from the border, where zero padding meets different inputs
+    assert torch.allclose(want[..., 4:-4, 4:-4], got[..., 4:-4, 4:-4], atol=1e-4)
+    assert not torch.allclose(want, got, atol=1e-4)  # the border does differ, so the comparison can fail
+
+
+def test_copy_resnet_trunk_refuses_another_width_or_a_shallower_trunk():
+    with pytest.raises(ValueError, match="encoder width"):
+        copy_resnet_trunk(create("banet", "lite"), create("condseg", "lite"))  # 24 wide into 32 wide
+    shallow = create("banet", "lite", encoder_layers=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="shallower"):
+        copy_resnet_trunk(shallow, create("condseg", "lite", encoder_width=24))
+    with pytest.raises(ValueError, match="no ResNet trunk"):
+        copy_resnet_trunk(torch.nn.Conv2d(3, 3, 1), create("condseg", "lite", encoder_width=24))
 
 
 def test_read_state_dict_refuses_pickled_objects_and_unknown_suffixes(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from MedSegSuiteLib.errors import InputError
-from MedSegSuiteLib.preprocessing import match_channels, normalize, validate_normalization
+from MedSegSuiteLib.preprocessing import match_channels, normalize, pixel_affine, validate_normalization
 
 
 def test_zscore_gives_zero_mean_unit_std_per_channel():
@@ -57,3 +57,18 @@ def test_channel_rule_replicates_grey_and_takes_luminance_of_rgb():
     np.testing.assert_allclose(match_channels(rgb, 1)[0, 0, 0, 0], 0.299 * 100 + 0.587 * 200 + 0.114 * 50, rtol=1e-6)
     with pytest.raises(InputError, match="expects 4-channel images but this image has 3"):
         match_channels(rgb, 4)
+
+
+@pytest.mark.parametrize(
+    "spec", [{"kind": "none"}, {"kind": "scale", "divisor": 255}, {"kind": "imagenet", "divisor": 255}]
+)
+def test_pixel_affine_reproduces_the_fixed_per_pixel_normalisations(spec):
+    raw = np.random.default_rng(0).uniform(0, 255, (3, 1, 5, 6)).astype(np.float32)
+    a, b = pixel_affine(spec, 3)
+    assert np.allclose(normalize(raw, spec), a[:, None, None, None] * raw + b[:, None, None, None], atol=1e-5)
+
+
+def test_pixel_affine_is_none_for_normalisations_that_depend_on_the_image():
+    assert pixel_affine({"kind": "zscore"}, 1) is None
+    assert pixel_affine({"kind": "percentile", "low": 1, "high": 99}, 1) is None
+    assert pixel_affine({"kind": "imagenet"}, 1) is None  # ImageNet statistics need RGB

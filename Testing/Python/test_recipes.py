@@ -101,3 +101,38 @@ def test_network_trains_through_the_cli_and_its_model_segments(
 
     labels = Predictor(model, device="cpu", fast=True).predict(read_image(case)).labels
     assert labels.array.any()
+
+
+def _train(root: Path, output: Path, network: str, *args: str) -> int:
+    return main(
+        ["train", "--network", network, "--data", str(root), "-o", str(output), "--device", "cpu", "-q"]
+        + ["--labels", "1:Object", "--size", "64,64", "--batch-size", "4", *args]
+    )
+
+
+def test_condseg_starts_from_a_trained_banet_trunk_and_the_card_says_so(discs64, tmp_path, capsys):
+    banet = tmp_path / "banet"
+    assert _train(discs64, banet, "banet", "--iterations", "2") == 0, capsys.readouterr().err
+    condseg = tmp_path / "condseg"
+    code = _train(
+        discs64, condseg, "condseg", "--iterations", "2", "--config", "encoder_width=24",
+        "--init-encoder", str(banet), "--recipe", "stage1_fraction=0.5",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    card = json.loads((condseg / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["encoder_init"]["network"] == "banet"
+    assert card["training"]["encoder_init"]["tensors"] == 132
+
+
+def test_init_encoder_refuses_a_source_that_trained_on_this_runs_validation_cases(discs64, tmp_path, capsys):
+    banet = tmp_path / "banet"
+    assert _train(discs64, banet, "banet", "--iterations", "1") == 0, capsys.readouterr().err
+    capsys.readouterr()
+    code = _train(
+        discs64, tmp_path / "condseg", "condseg", "--iterations", "1", "--config", "encoder_width=24",
+        "--init-encoder", str(banet), "--val-fraction", "0.4",
+    )  # fmt: skip
+    assert code != 0 and "validation cases" in capsys.readouterr().err
+    assert not (tmp_path / "condseg").exists()
+    code = _train(discs64, tmp_path / "condseg32", "condseg", "--iterations", "1", "--init-encoder", str(banet))
+    assert code != 0 and "encoder width" in capsys.readouterr().err  # a 32-wide trunk cannot take a 24-wide one

@@ -96,8 +96,11 @@ class ConDSegRecipe(Recipe):
         self.amp = amp
         self.stage1 = None
         if self.stage1_iterations:
-            config = {k: getattr(network, k) for k in ("in_channels", "out_channels") if hasattr(network, k)}
+            # the same trunk as the network (its width and depth, and its weights when it was initialised)
+            keys = ("in_channels", "out_channels", "encoder_layers", "encoder_width")
+            config = {k: getattr(network, k) for k in keys if hasattr(network, k)}
             self.stage1 = networks.create("condseg_stage1", preset, **config).to(self.device)
+            transfer_stage1_encoder(network, self.stage1)
             self.stage1_optimizer = torch.optim.Adam(self.stage1.parameters(), lr=lr)
         encoder = [p for n, p in network.named_parameters() if n.startswith(network.encoder_prefixes)]
         rest = [p for n, p in network.named_parameters() if not n.startswith(network.encoder_prefixes)]
