@@ -157,9 +157,45 @@ def _speed_settings(recipe: Any, run: dict[str, Any], dims: int) -> dict[str, bo
     recipe.cpu_bf16 = _flag(run.get("cpu_bf16", False), "cpu_bf16") and recipe.device.type == "cpu"
     group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in recipe.network.modules())
     channels_last = dims == 2 and not group_norm and _flag(run.get("channels_last", True), "channels_last")
+    if channels_last and recipe.cpu_bf16:
+        broken = _broken_bf16_channels_last_convs(recipe.network)
+        if broken:
+            log.warning(
+                "this PyTorch gives non-finite bf16 channels-last weight gradients for %s; "
+                "training without channels-last",
+                ", ".join(broken),
+            )
+            channels_last = False
     if channels_last:
         recipe.network.to(memory_format=torch.channels_last)
     return {"cpu_bf16": recipe.cpu_bf16, "channels_last": channels_last}
+
+
+def _broken_bf16_channels_last_convs(network: torch.nn.Module) -> list[str]:
+    """The dilated 2D convolutions of ``network`` whose bf16 channels-last weight gradient is not finite.
+
+    PyTorch 2.13's CPU kernels return NaN weight gradients for dilated convolutions with some
+    input widths (20, 24, 40, ... channels) in bf16 channels-last; each distinct shape is tried
+    once on a small random input. Returns descriptions such as ``"24-channel dilation-6 convolutions"``.
+    """
+    seen: dict[tuple, str] = {}
+    for module in network.modules():
+        if not isinstance(module, torch.nn.Conv2d) or max(module.dilation) == 1:
+            continue
+        key = (module.in_channels, module.out_channels, module.kernel_size, module.dilation, module.groups)
+        if key in seen:
+            continue
+        probe = torch.nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size,
+            padding=module.padding, dilation=module.dilation, groups=module.groups, bias=False,
+        ).to(memory_format=torch.channels_last)  # fmt: skip
+        side = 16 + max(d * (k - 1) for d, k in zip(module.dilation, module.kernel_size))
+        x = torch.randn(2, module.in_channels, side, side).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = probe(x)
+        (grad,) = torch.autograd.grad(out.float().sum(), probe.weight)
+        seen[key] = "" if torch.isfinite(grad).all() else f"{module.in_channels}-channel dilation-{module.dilation[0]}"
+    return sorted({f"{name} convolutions" for name in seen.values() if name})
 
 
 def _check_input_size(network: torch.nn.Module, channels: int, size_zyx: Optional[Sequence[int]], dims: int) -> None:
