@@ -469,6 +469,45 @@ def _config(items: Sequence[str]) -> dict[str, Any]:
     return config
 
 
+class _StopOnCtrlC:
+    """While active, the first Ctrl-C sets ``event`` (a long job then saves its checkpoint and stops);
+    a second one interrupts at once. Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.event = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+
+            def stop(signum: int, frame: Any) -> None:
+                self.event.set()
+                signal.signal(signal.SIGINT, self._previous)
+                print("\nmedsegsuite: stopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+            signal.signal(signal.SIGINT, stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _stopped(error: Exception) -> int:
+    """Report a job stopped by Ctrl-C (its checkpoint kept); exit status 130."""
+    print(f"medsegsuite: {error}; continue with the same command and --resume", file=sys.stderr)
+    return 130
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -506,9 +545,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         recipe=_config(args.recipe),
         init_encoder=args.init_encoder,
     )
+    from .errors import Cancelled
+
     bar = ProgressBar(enabled=not args.quiet and main_rank)
     try:
-        entry = train_model(options, progress=bar, resume=args.resume, overwrite=args.overwrite, on_log=bar.note)
+        with _StopOnCtrlC() as stop:
+            entry = train_model(
+                options, progress=bar, cancel=stop.event, resume=args.resume, overwrite=args.overwrite, on_log=bar.note
+            )
+    except Cancelled as error:
+        return _stopped(error)
     finally:
         bar.close()
     if entry is None:  # another rank wrote the model
@@ -543,8 +589,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         keep_if_worse=args.keep_if_worse,
     )
     bar = ProgressBar(enabled=not args.quiet and (context is None or context.is_main))
+    from .errors import Cancelled
+
     try:
-        entry = finetune_model(options, progress=bar, resume=args.resume)
+        with _StopOnCtrlC() as stop:
+            entry = finetune_model(options, progress=bar, cancel=stop.event, resume=args.resume)
+    except Cancelled as error:
+        return _stopped(error)
     finally:
         bar.close()
     if entry is None:  # another rank wrote and registered the model

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import disc_image, sphere_volume
 from PIL import Image
 
@@ -140,3 +142,40 @@ def test_init_encoder_refuses_a_source_that_trained_on_this_runs_validation_case
     assert not (tmp_path / "condseg").exists()
     code = _train(discs64, tmp_path / "condseg32", "condseg", "--iterations", "1", "--init-encoder", str(banet))
     assert code != 0 and "encoder width" in capsys.readouterr().err  # a 32-wide trunk cannot take a 24-wide one
+
+
+def test_ctrl_c_stops_training_with_a_checkpoint_that_resumes(discs64, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "banet"
+    command = [sys.executable, "-m", "MedSegSuiteLib", "-v", "train", "--network", "banet", "--data", str(discs64)]
+    command += ["-o", str(output), "--device", "cpu", "--labels", "1:Object", "--size", "64,64", "--batch-size", "2"]
+    process = subprocess.Popen(
+        [*command, "--iterations", "100000"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        for line in process.stderr:  # wait until it trains
+            if "iteration" in line and "s per iteration" in line:
+                break
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, rest
+    assert "checkpoint" in rest and "--resume" in rest, rest
+    checkpoint = tmp_path / "banet.training" / "checkpoint.pt"
+    assert checkpoint.is_file() and not output.exists()
+    stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
+    assert stopped_at > 0
+    done = subprocess.run(
+        [*command, "--iterations", str(stopped_at + 2), "--resume", "-q"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_model(output).card.training["recipe"]["iterations"] == stopped_at + 2
