@@ -93,6 +93,12 @@ def main() -> None:
         other = ("dice_full_inference" if used == 0 else "dice_segmentor_only", evaluate(trained, cases)[0])
         trained.network.sampling_steps = used
     full, seconds = evaluate(trained, cases)
+    if other is not None and other[0] == "dice_full_inference" and other[1]["dice"] < full["dice"]:
+        card["description"] = (
+            card.get("description", "").rstrip() + " Segment uses the segmentor alone (its Dice is the card's); "
+            "the refiner's full chain from the prior scored lower (dice_full_inference) and is meant for "
+            "refinement steps from a corrected mask."
+        ).strip()
     with tempfile.TemporaryDirectory() as tmp:
         half_entry = save_model(Path(tmp) / "half", trained.network, {**card, "weights": {}}, half=True)
         half, _ = evaluate(load_model(half_entry), cases)
