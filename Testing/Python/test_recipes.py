@@ -172,7 +172,7 @@ def test_ctrl_c_stops_training_with_a_checkpoint_that_resumes(discs64, tmp_path)
     assert "checkpoint" in rest and "--resume" in rest, rest
     checkpoint = tmp_path / "banet.training" / "checkpoint.pt"
     assert checkpoint.is_file() and not output.exists()
-    stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
+    stopped_at = torch.load(checkpoint, weights_only=True)["iteration"]
     assert stopped_at > 0
     done = subprocess.run(
         [*command, "--iterations", str(stopped_at + 2), "--resume", "-q"], capture_output=True, text=True
