@@ -247,8 +247,10 @@ def init_encoder_from(
     except (ModelError, OSError) as error:
         raise InputError(f"--init-encoder {source}: {error}") from error
     trained_on = donor.card.training.get("data")
-    if data is not None and trained_on and _same_folder(trained_on, data):
-        seen = sorted(set(validation_ids) - set(donor.card.training.get("validation_ids") or ()))
+    held_out = set(donor.card.training.get("validation_ids") or ())
+    # the same data set: the same folder, and some case ids in common (another data set shares none)
+    if data is not None and trained_on and _same_folder(trained_on, data) and held_out & set(validation_ids):
+        seen = sorted(set(validation_ids) - held_out)
         if seen:
             raise InputError(
                 f"--init-encoder {source}: that model trained on {len(seen)} of this run's validation cases "
