@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
-from .errors import MedSegSuiteError
+from .errors import Cancelled, MedSegSuiteError
 
 __all__ = ["main"]
 
@@ -545,8 +545,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         recipe=_config(args.recipe),
         init_encoder=args.init_encoder,
     )
-    from .errors import Cancelled
-
     bar = ProgressBar(enabled=not args.quiet and main_rank)
     try:
         with _StopOnCtrlC() as stop:
@@ -589,8 +587,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         keep_if_worse=args.keep_if_worse,
     )
     bar = ProgressBar(enabled=not args.quiet and (context is None or context.is_main))
-    from .errors import Cancelled
-
     try:
         with _StopOnCtrlC() as stop:
             entry = finetune_model(options, progress=bar, cancel=stop.event, resume=args.resume)

@@ -616,7 +616,9 @@ def transfer_stage1_encoder(stage1: nn.Module, stage2: nn.Module) -> list[str]:
 
     The official script copied only ``named_parameters``, leaving the BatchNorm running statistics
     of the stage-2 initialisation; here every ``state_dict`` entry under ``layer0.``..``layer3.``
-    (weights, biases, ``running_mean``, ``running_var``, ``num_batches_tracked``) is copied.
+    (weights, biases, ``running_mean``, ``running_var``, ``num_batches_tracked``) is copied. The two
+    trunks share their keys, so it also copies the other way (a ConDSeg's trunk into a stage-1
+    network, which the recipe does to start stage 1 from the network's initial trunk).
     Raises ``ValueError`` when the trunks differ in keys or shapes. Returns the copied keys.
     """
     src = {k: v for k, v in stage1.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
