@@ -544,6 +544,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         labelled_cases=args.labelled_cases,
         recipe=_config(args.recipe),
         init_encoder=args.init_encoder,
+        init_weights=args.init_weights,
     )
     bar = ProgressBar(enabled=not args.quiet and main_rank)
     try:
@@ -927,6 +928,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="start the ResNet trunk from this trained model's trunk (id or folder; same width and depth, "
         "e.g. a BA-Net model for ConDSeg with --config encoder_width=24)",
+    )
+    train.add_argument(
+        "--init-weights",
+        metavar="MODEL",
+        help="start from this trained model's weights (id or folder): the whole network for a model of the "
+        "same network and configuration, HiDiff's segmentor for a model of its segmentor's network",
     )
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -329,6 +329,25 @@ class BANet(nn.Module):
             return logits
         return logits, tuple((_resize(seg, size), _resize(edge, size)) for seg, edge in side)
 
+    @property
+    def feature_dims(self) -> tuple[int, int, int, int]:
+        """Channels of the four maps :meth:`features_and_logits` returns (HiDiff's segmentor protocol)."""
+        widths = self.pretrain_model.out_channels
+        return widths[0], widths[1], widths[2], widths[3]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """HiDiff's segmentor protocol: the trunk's stages 1-3 (H/4, H/8, H/16) and stage 4's 2x2 mean
+        at H/32, and the main logits ``[B, num_classes, H, W]``. ``x`` must be divisible by 32;
+        needs output stride 16 (the ``lite`` preset)."""
+        if x.shape[-2] % 32 or x.shape[-1] % 32:
+            raise ValueError(f"as a HiDiff segmentor BA-Net needs H and W divisible by 32, got {tuple(x.shape[-2:])}")
+        features = self.pretrain_model(x)
+        if features[3].shape[-1] * 16 != x.shape[-1]:
+            raise ValueError("as a HiDiff segmentor BA-Net needs output_stride 16 (its last stage at H/16)")
+        aspp = self.aspp(features[3]) if self.aspp is not None else None
+        logits, _ = self.head(features, aspp)
+        return [*features[:3], F.avg_pool2d(features[3], 2)], _resize(logits, x.shape[-2:])
+
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities ``[B, num_classes, H, W]`` of the main output."""
         return torch.softmax(self.forward(x), dim=1)

@@ -41,14 +41,16 @@ def _segmentor(spec: Mapping[str, Any], in_channels: int, num_classes: int) -> n
     network = spec.pop("network", "hidiff_segmentor")
     if network == "hidiff_segmentor":
         return HiDiffSegmentor(**_part("hidiff_segmentor", spec, in_channels=in_channels, num_classes=num_classes))
-    if network == "condseg":
-        from . import create
+    from . import create
 
-        preset = spec.pop("preset", "lite")
+    preset = spec.pop("preset", "lite")
+    if network == "condseg":
         return create(
             "condseg", preset, **{**spec, "in_channels": in_channels, "out_channels": num_classes, "aux_head": False}
         )
-    raise ValueError(f"HiDiff segmentor must be 'hidiff_segmentor' or 'condseg', got {network!r}")
+    if network == "banet":  # softmax over >= 2 classes: K = 1 reads the foreground's log-odds
+        return create("banet", preset, **{**spec, "in_channels": in_channels, "num_classes": max(2, num_classes)})
+    raise ValueError(f"HiDiff segmentor must be 'hidiff_segmentor', 'condseg' or 'banet', got {network!r}")
 
 
 class HiDiff(nn.Module):
@@ -59,9 +61,10 @@ class HiDiff(nn.Module):
         num_classes: mask channels ``K``: 1 for one structure (sigmoid prior), or the number
             of classes including background (softmax prior).
         segmentor: ``{"preset": ..., **overrides}`` for the default :class:`HiDiffSegmentor`, or
-            ``{"network": "condseg", "preset": ..., **overrides}`` to use ConDSeg (its CDFA outputs
-            at H/4..H/16 and their 2x2 mean at H/32 condition the refiner; the paper's claim that
-            any segmentor works).
+            ``{"network": "condseg" | "banet", "preset": ..., **overrides}`` to use ConDSeg or BA-Net
+            (their decoder maps at H/4..H/16 and a 2x2 mean at H/32 condition the refiner; the
+            paper's claim that any segmentor works). BA-Net's two-class softmax gives ``K = 1`` the
+            foreground's log-odds, so a trained BA-Net model's weights load into it unchanged.
         refiner: ``{"preset": ..., **overrides}`` for :class:`BBDMRefiner` (its condition
             dims always follow the segmentor's feature dims).
         schedule: ``"cosine"`` (unsquared) or ``"cosine2"`` (squared); see :class:`BernoulliSchedule`.
@@ -106,11 +109,18 @@ class HiDiff(nn.Module):
         self.seed = seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.segmentor(x)
+        return self.features_and_logits(x)[1]
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The segmentor's four feature maps and its logits ``[B, K, H, W]``."""
+        feats, logits = self.segmentor.features_and_logits(x)
+        if self.num_classes == 1 and logits.shape[1] == 2:  # softmax([l0, l1])[1] == sigmoid(l1 - l0)
+            logits = logits[:, 1:] - logits[:, :1]
+        return feats, logits
 
     def condition(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Segmentor features and prior ``p`` ``[B, K, H, W]`` in (0, 1) for image ``x``."""
-        feats, logits = self.segmentor.features_and_logits(x)
+        feats, logits = self.features_and_logits(x)
         return feats, prior_from_logits(logits.float())
 
     def model_fn(self, x: torch.Tensor, feats: list[torch.Tensor], prior: torch.Tensor):  # noqa: ANN201
@@ -123,7 +133,7 @@ class HiDiff(nn.Module):
         return torch.logit(y0_hat) if self.num_classes == 1 else torch.log(y0_hat)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        feats, logits = self.segmentor.features_and_logits(x)
+        feats, logits = self.features_and_logits(x)
         if self.sampling_steps == 0:
             return logits
         prior = prior_from_logits(logits.float())

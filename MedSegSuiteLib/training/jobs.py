@@ -73,6 +73,7 @@ class TrainOptions:
     max_val_cases: int = 200
     labelled_cases: Optional[int] = None  # keep labels for only this many training cases; the rest are unlabelled
     init_encoder: Optional[str] = None  # a trained model (id or folder) whose ResNet trunk starts this network
+    init_weights: Optional[str] = None  # a trained model whose weights start the network (HiDiff: its segmentor)
 
 
 def build_card(
@@ -221,6 +222,34 @@ def _same_folder(a: Any, b: Any) -> bool:
     return a.resolve() == b.resolve() or (a.name == b.name and a.name != "")
 
 
+def _load_source(source: str, flag: str, data: Optional[Path], validation_ids: Sequence[str]) -> Any:
+    """The trained model ``source`` (id or folder) that starts a run, refused when it has seen this
+    run's validation cases: trained on the same ``data`` (same folder, case ids in common) without
+    holding out every one of ``validation_ids``. ``flag`` names the option in the errors."""
+    from ..models import load_model
+
+    try:
+        donor = load_model(source)
+    except (ModelError, OSError) as error:
+        raise InputError(f"{flag} {source}: {error}") from error
+    trained_on = donor.card.training.get("data")
+    held_out = set(donor.card.training.get("validation_ids") or ())
+    # the same data set: the same folder, and some case ids in common (another data set shares none)
+    if data is not None and trained_on and _same_folder(trained_on, data) and held_out & set(validation_ids):
+        seen = sorted(set(validation_ids) - held_out)
+        if seen:
+            raise InputError(
+                f"{flag} {source}: that model trained on {len(seen)} of this run's validation cases "
+                f"(e.g. {seen[0]}), so validation would flatter this one; pass --val-ids with its validation ids"
+            )
+    return donor
+
+
+def _provenance(donor: Any, **extra: Any) -> dict[str, Any]:
+    card = donor.card
+    return {"model": card.id, "version": card.version, "network": card.network, **extra}
+
+
 def init_encoder_from(
     network: torch.nn.Module,
     source: str,
@@ -238,24 +267,10 @@ def init_encoder_from(
     the source's id, version, network and the number of tensors copied. Raises ``InputError``
     when the source cannot be loaded or its trunk does not fit.
     """
-    from ..models import load_model
     from ..networks.resnet import copy_resnet_trunk
     from ..preprocessing import pixel_affine
 
-    try:
-        donor = load_model(source)
-    except (ModelError, OSError) as error:
-        raise InputError(f"--init-encoder {source}: {error}") from error
-    trained_on = donor.card.training.get("data")
-    held_out = set(donor.card.training.get("validation_ids") or ())
-    # the same data set: the same folder, and some case ids in common (another data set shares none)
-    if data is not None and trained_on and _same_folder(trained_on, data) and held_out & set(validation_ids):
-        seen = sorted(set(validation_ids) - held_out)
-        if seen:
-            raise InputError(
-                f"--init-encoder {source}: that model trained on {len(seen)} of this run's validation cases "
-                f"(e.g. {seen[0]}), so validation would flatter this one; pass --val-ids with its validation ids"
-            )
+    donor = _load_source(source, "--init-encoder", data, validation_ids)
     mine = pixel_affine(normalization, channels)
     theirs = pixel_affine(donor.card.input.normalization, channels)
     if mine is None or theirs is None:
@@ -270,8 +285,35 @@ def init_encoder_from(
         copied = copy_resnet_trunk(donor.network, network, scale.tolist(), offset.tolist())
     except ValueError as error:
         raise InputError(f"--init-encoder {source}: {error}") from error
-    card = donor.card
-    return {"model": card.id, "version": card.version, "network": card.network, "tensors": len(copied)}
+    return _provenance(donor, tensors=len(copied))
+
+
+def init_weights_from(network_name: str, network: torch.nn.Module, donor: Any, source: str) -> dict[str, Any]:
+    """Load the trained model ``donor`` (loaded from ``source``) into ``network`` (a ``network_name``).
+
+    A model of the same network and configuration starts the whole network (a second training
+    cycle); for HiDiff, a model of its segmentor's network starts the segmentor (the paper
+    pre-trains its segmentor and loads it before the joint training). Returns what the card
+    records; raises ``InputError`` when the weights do not fit.
+    """
+    from ..models.weights import load_state_dict_strict
+
+    segmentor = getattr(network, "segmentor", None) if network_name == "hidiff" else None
+    if donor.card.network == network_name:
+        target, part = network, "network"
+    elif segmentor is not None and donor.card.network == type(segmentor).__name__.lower():
+        target, part = segmentor, "segmentor"
+    else:
+        wanted = network_name if segmentor is None else f"{network_name} or {type(segmentor).__name__.lower()}"
+        raise InputError(f"--init-weights {source}: that is a {donor.card.network} model; this run needs {wanted}")
+    try:
+        load_state_dict_strict(target, donor.network.state_dict(), source)
+    except ModelError as error:
+        raise InputError(
+            f"--init-weights {source}: its weights do not fit this {part} ({error}); "
+            "pass the --preset and --config of that model's card"
+        ) from None
+    return _provenance(donor, part=part)
 
 
 def train_model(
@@ -294,6 +336,10 @@ def train_model(
     if dims not in supported:
         raise InputError(f"{options.network} trains in {supported[0]}D only")
     defaults = _fit_normalization(module.card_defaults(dims), first)
+    donor = None
+    if options.init_weights:  # the network sees what the model it starts from saw
+        donor = _load_source(options.init_weights, "--init-weights", options.data, [c.id for c in val_cases])
+        defaults["input"]["normalization"] = dict(donor.card.input.normalization)
     channels = int(defaults.get("channels", first.channels))
     validation = load_cases(val_cases, options.h5_spacing)
     run = dict(defaults["defaults"])
@@ -340,6 +386,8 @@ def train_model(
         card["training"]["encoder_init"] = init_encoder_from(
             network, options.init_encoder, normalization, channels, options.data, [c.id for c in val_cases]
         )
+    if donor is not None:
+        card["training"]["weights_init"] = init_weights_from(options.network, network, donor, options.init_weights)
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
     speed = _speed_settings(recipe, run, dims)
     augment = {k: v for k, v in asdict(run["augment"]).items() if k != "extra"}

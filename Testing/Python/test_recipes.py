@@ -144,6 +144,41 @@ def test_init_encoder_refuses_a_source_that_trained_on_this_runs_validation_case
     assert code != 0 and "encoder width" in capsys.readouterr().err  # a 32-wide trunk cannot take a 24-wide one
 
 
+def test_hidiff_starts_its_segmentor_from_a_trained_banet_model(discs64, tmp_path, capsys):
+    """The paper pre-trains HiDiff's segmentor and loads it (--prior_path): --init-weights does that."""
+    banet = tmp_path / "banet"
+    assert _train(discs64, banet, "banet", "--iterations", "2") == 0, capsys.readouterr().err
+    hidiff = tmp_path / "hidiff"
+    code = _train(
+        discs64, hidiff, "hidiff", "--iterations", "2", "--config", "segmentor={'network': 'banet'}",
+        "--init-weights", str(banet), "--recipe", "pretrain_fraction=0", "segmentor_lr_factor=0",
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    card = json.loads((hidiff / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["weights_init"]["part"] == "segmentor"
+    assert card["input"]["normalization"]["kind"] == "imagenet"  # it sees what the BA-Net saw
+    donor, model = load_model(banet).network, load_model(hidiff).network
+    assert type(model.segmentor).__name__ == "BANet"
+    mine = dict(model.segmentor.named_parameters())
+    for name, value in donor.named_parameters():  # a learning rate of 0 keeps the segmentor's weights
+        assert torch.equal(mine[name], value), name
+
+
+def test_init_weights_continues_a_model_and_refuses_another_network(discs64, tmp_path, capsys):
+    banet = tmp_path / "banet"
+    assert _train(discs64, banet, "banet", "--iterations", "1") == 0, capsys.readouterr().err
+    assert _train(discs64, tmp_path / "again", "banet", "--iterations", "1", "--init-weights", str(banet)) == 0
+    card = json.loads((tmp_path / "again" / "card.json").read_text(encoding="utf-8"))
+    assert card["training"]["weights_init"]["part"] == "network"
+    capsys.readouterr()
+    assert _train(discs64, tmp_path / "condseg", "condseg", "--iterations", "1", "--init-weights", str(banet)) != 0
+    assert "that is a banet model" in capsys.readouterr().err
+    code = _train(
+        discs64, tmp_path / "b3", "banet", "--iterations", "1", "--init-weights", str(banet), "--val-fraction", "0.4"
+    )
+    assert code != 0 and "validation cases" in capsys.readouterr().err
+
+
 def test_ctrl_c_stops_training_with_a_checkpoint_that_resumes(discs64, tmp_path):
     import signal
     import subprocess

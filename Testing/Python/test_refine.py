@@ -194,6 +194,29 @@ def test_hidiff_model_segments_like_any_model(hidiff_dir, defective):
     assert np.array_equal(full, Predictor(model, device="cpu").predict(image).labels.array), "seeded sampling"
 
 
+def test_a_banet_segmentor_gives_hidiff_its_foreground_log_odds():
+    """A two-class BA-Net in a one-channel HiDiff: sigmoid of HiDiff's logits is BA-Net's softmax foreground."""
+    import torch
+
+    from MedSegSuiteLib import networks
+
+    banet = networks.create("banet", "lite").eval()
+    net = networks.create("hidiff", "lite", in_channels=3, num_classes=1, segmentor={"network": "banet"}).eval()
+    net.segmentor.load_state_dict(banet.state_dict())
+    assert net.refiner.condition_dims == banet.feature_dims == (96, 192, 384, 768)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats, logits = net.features_and_logits(x)
+        expected = torch.softmax(banet(x), dim=1)[:, 1:]
+        net.sampling_steps = 0
+        segmented = net.predict_logits(x)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert torch.allclose(torch.sigmoid(logits), expected, atol=1e-5)
+    assert torch.equal(segmented, logits)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        banet.features_and_logits(torch.randn(1, 3, 48, 48))
+
+
 def test_condseg_can_be_hidiffs_segmentor(tmp_path, defective):
     """HiDiff works with any feature-exposing segmentor: ConDSeg through its features_and_logits."""
     from PIL import Image

@@ -40,6 +40,7 @@ def card_defaults(dims: int) -> dict[str, Any]:
             "lr": 1e-3,
             "pretrain_fraction": 0.3,
             "diff_weight": 0.0,
+            "segmentor_lr_factor": 1.0,
             "cpu_bf16": True,
             "augment": Augment(flip=0.5, rotate=180, rotate_p=0.5, scale=(0.75, 1.33), colour=0.2, specular=0.3),
         },
@@ -72,6 +73,8 @@ class HiDiffRecipe(Recipe):
         iterations: run length (for the schedules).
         lr: AdamW learning rate of both networks.
         pretrain_fraction: share of the iterations spent on the segmentor alone first.
+        segmentor_lr_factor: the segmentor's learning rate is ``lr`` times this (below 1 keeps a
+            segmentor that was trained before, e.g. with ``--init-weights``; 0 freezes it).
         diff_weight: weight of the BBDM loss in the segmentor's update (the official default is 0).
         device, amp: where to train; autocast on CUDA.
     """
@@ -84,6 +87,7 @@ class HiDiffRecipe(Recipe):
         pretrain_fraction: float = 0.3,
         diff_weight: float = 0.0,
         device: torch.device = None,
+        segmentor_lr_factor: float = 1.0,
         amp: bool = True,
     ) -> None:  # noqa: RUF013
         self.device = device or torch.device("cpu")
@@ -91,13 +95,16 @@ class HiDiffRecipe(Recipe):
         self.pretrain = int(round(pretrain_fraction * iterations))
         self.diff_weight = float(diff_weight)
         self.amp = amp
-        self.seg_optimizer = torch.optim.AdamW(network.segmentor.parameters(), lr=lr)
+        if segmentor_lr_factor < 0:
+            raise ValueError(f"segmentor_lr_factor must be >= 0, got {segmentor_lr_factor}")
+        self.seg_optimizer = torch.optim.AdamW(network.segmentor.parameters(), lr=lr * segmentor_lr_factor)
         self.ref_optimizer = torch.optim.AdamW(network.refiner.parameters(), lr=lr)
         self.seg_schedule = make_schedule("poly", self.seg_optimizer, iterations)
         self.ref_schedule = make_schedule("poly", self.ref_optimizer, max(1, iterations - self.pretrain))
         self.settings = {
             "optimizer": "adamw",
             "lr": lr,
+            "segmentor_lr_factor": float(segmentor_lr_factor),
             "schedule": "poly",
             "pretrain_iterations": self.pretrain,
             "diff_weight": self.diff_weight,
@@ -120,7 +127,7 @@ class HiDiffRecipe(Recipe):
         if iteration >= self.pretrain:
             target = mask_to_channels(torch.where(classes == 255, torch.zeros_like(classes), classes), net.num_classes)
             with torch.no_grad(), autocast(self.device, self.amp, cpu=self.cpu_bf16):
-                feats, logits = net.segmentor.features_and_logits(images)
+                feats, logits = net.features_and_logits(images)
             feats = [f.float() for f in feats]
             prior = prior_from_logits(logits.float())
             with autocast(self.device, self.amp, cpu=self.cpu_bf16):
@@ -132,7 +139,7 @@ class HiDiffRecipe(Recipe):
             self.ref_schedule.step()
             parts.update({"refiner": float(losses["total"].detach()), "vb": float(losses["vb"].detach())})
         with autocast(self.device, self.amp, cpu=self.cpu_bf16):
-            feats, logits = net.segmentor.features_and_logits(images)
+            feats, logits = net.features_and_logits(images)
             loss = _segmentation_loss(logits, classes)
             if self.diff_weight > 0 and iteration >= self.pretrain:
                 target = mask_to_channels(
@@ -181,4 +188,5 @@ def make(network: nn.Module, options: dict[str, Any]) -> Recipe:
         pretrain_fraction=options.get("pretrain_fraction", 0.3),
         diff_weight=options.get("diff_weight", 0.0),
         device=options["device"],
+        segmentor_lr_factor=options.get("segmentor_lr_factor", 1.0),
     )
