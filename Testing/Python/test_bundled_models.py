@@ -22,9 +22,13 @@ def user_home(tmp_path, monkeypatch):
 
 
 def test_the_hippocampus_and_polyp_models_are_bundled():
-    assert {"hippocampus-dnet-lite", "hippocampus-hidiff-lite", "left-atrium-canet-lite", "polyp-banet-lite"} <= set(
-        BUNDLED
-    )
+    assert {
+        "hippocampus-dnet-lite",
+        "hippocampus-hidiff-lite",
+        "left-atrium-canet-lite",
+        "polyp-banet-lite",
+        "polyp-hidiff-lite",
+    } <= set(BUNDLED)
 
 
 @pytest.mark.parametrize("model_id", BUNDLED)
@@ -34,7 +38,8 @@ def test_a_bundled_model_loads_and_its_card_says_where_it_came_from(user_home, m
     model = load_model(model_id)  # checks the sha256 and loads with strict=True
     card = model.card
     assert card.licence and card.training["licence"] and card.training["validation_ids"]
-    limit = 14_000_000 if card.network == "hidiff" else 10_000_000  # HiDiff holds a segmentor and a refiner
+    # HiDiff holds a segmentor and a refiner (the polyp one: BA-Net's 3.6 M parameters and a refiner of 6.9 M)
+    limit = 22_000_000 if card.network == "hidiff" else 10_000_000
     assert entry.weights_path.stat().st_size < limit, "bundled weights must keep the repository light"
     dice_metric = next(m for m in card.metrics if m["name"] == "dice")
     assert "held out from training" in dice_metric["split"] and 0 < dice_metric["value"] <= 1
