@@ -62,9 +62,10 @@ class HiDiff(nn.Module):
             of classes including background (softmax prior).
         segmentor: ``{"preset": ..., **overrides}`` for the default :class:`HiDiffSegmentor`, or
             ``{"network": "condseg" | "banet", "preset": ..., **overrides}`` to use ConDSeg or BA-Net
-            (their decoder maps at H/4..H/16 and a 2x2 mean at H/32 condition the refiner; the
-            paper's claim that any segmentor works). BA-Net's two-class softmax gives ``K = 1`` the
-            foreground's log-odds, so a trained BA-Net model's weights load into it unchanged.
+            (ConDSeg's CDFA maps or BA-Net's trunk stages at H/4..H/16, and a 2x2 mean at H/32,
+            condition the refiner; the paper's claim that any segmentor works). BA-Net's two-class
+            softmax gives ``K = 1`` the foreground's log-odds, so a trained BA-Net model's weights
+            load into it unchanged.
         refiner: ``{"preset": ..., **overrides}`` for :class:`BBDMRefiner` (its condition
             dims always follow the segmentor's feature dims).
         schedule: ``"cosine"`` (unsquared) or ``"cosine2"`` (squared); see :class:`BernoulliSchedule`.
