@@ -288,23 +288,26 @@ def init_encoder_from(
     return _provenance(donor, tensors=len(copied))
 
 
-def init_weights_from(network_name: str, network: torch.nn.Module, donor: Any, source: str) -> dict[str, Any]:
-    """Load the trained model ``donor`` (loaded from ``source``) into ``network`` (a ``network_name``).
+def init_weights_from(
+    network_name: str, config: dict[str, Any], network: torch.nn.Module, donor: Any, source: str
+) -> dict[str, Any]:
+    """Load the trained model ``donor`` (loaded from ``source``) into ``network``, a ``network_name``
+    built from ``config``.
 
     A model of the same network and configuration starts the whole network (a second training
-    cycle); for HiDiff, a model of its segmentor's network starts the segmentor (the paper
-    pre-trains its segmentor and loads it before the joint training). Returns what the card
-    records; raises ``InputError`` when the weights do not fit.
+    cycle); for HiDiff, a model of its segmentor's network (``config["segmentor"]["network"]``)
+    starts the segmentor (the paper pre-trains its segmentor and loads it before the joint
+    training). Returns what the card records; raises ``InputError`` when the weights do not fit.
     """
     from ..models.weights import load_state_dict_strict
 
-    segmentor = getattr(network, "segmentor", None) if network_name == "hidiff" else None
+    segmentor = (config.get("segmentor") or {}).get("network") if network_name == "hidiff" else None
     if donor.card.network == network_name:
         target, part = network, "network"
-    elif segmentor is not None and donor.card.network == type(segmentor).__name__.lower():
-        target, part = segmentor, "segmentor"
+    elif segmentor is not None and donor.card.network == segmentor:
+        target, part = network.segmentor, "segmentor"
     else:
-        wanted = network_name if segmentor is None else f"{network_name} or {type(segmentor).__name__.lower()}"
+        wanted = network_name if segmentor is None else f"{network_name} or {segmentor}"
         raise InputError(f"--init-weights {source}: that is a {donor.card.network} model; this run needs {wanted}")
     try:
         load_state_dict_strict(target, donor.network.state_dict(), source)
@@ -387,7 +390,9 @@ def train_model(
             network, options.init_encoder, normalization, channels, options.data, [c.id for c in val_cases]
         )
     if donor is not None:
-        card["training"]["weights_init"] = init_weights_from(options.network, network, donor, options.init_weights)
+        card["training"]["weights_init"] = init_weights_from(
+            options.network, config, network, donor, options.init_weights
+        )
     recipe = module.make(network, {**run, "device": device, "dims": dims, "labels": labels, "preset": options.preset})
     speed = _speed_settings(recipe, run, dims)
     augment = {k: v for k, v in asdict(run["augment"]).items() if k != "extra"}
